@@ -1,0 +1,181 @@
+"""The ``batchgpt`` command: parse, call the library, render. No logic lives here.
+
+Human-facing text (logs, the end-of-run table, the outcome line) goes to stderr, so
+stdout carries only what a script asked for (``--json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from batchgpt import __version__
+from batchgpt.config import JobConfig
+from batchgpt.errors import BatchGPTError, InputError
+from batchgpt.logs import setup_logging
+from batchgpt.runner import EXIT_ERROR, EXIT_OK, RunOptions, run_job
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run large batches of OpenAI ChatCompletion requests: paced, resumable, accounted for.",
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("batchgpt")
+
+JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"batchgpt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """batchgpt: run a job file of ChatCompletion requests."""
+
+
+def _load(job_path: Path) -> JobConfig:
+    try:
+        return JobConfig.load(job_path)
+    except BatchGPTError as exc:
+        _fail(exc)
+
+
+def _fail(exc: BatchGPTError) -> NoReturn:
+    if isinstance(exc, InputError):
+        log.error("the input has problems; nothing was sent:\n%s", exc)
+    else:
+        log.error("%s", exc)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def run(
+    job_path: JobArg,
+    sandbox: Annotated[bool, typer.Option(
+        "--sandbox", help="Send to the built-in simulator (no API key needed).")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Also send rows that failed permanently before.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Discard every result of this job and start over.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Don't ask (with --fresh).")] = False,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Send only the first N pending rows (a smoke test).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate and estimate tokens, cost and time; send nothing.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary (or the dry-run estimate) as JSON on stdout.")] = False,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", help="text or json.")] = "text",
+    log_file: Annotated[Path | None, typer.Option(
+        "--log-file", help="Also append logs to this file.")] = None,
+    metrics_file: Annotated[Path | None, typer.Option(
+        "--metrics-file", help="Write the run's figures in Prometheus text format.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed row.")
+                       ] = False,
+) -> None:
+    """Run a job, or resume it: rows that already succeeded are never sent again."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--log-format")
+    setup_logging(log_format, log_file, verbose)
+    job = _load(job_path)
+    if fresh and not yes and not dry_run:
+        if not sys.stdin.isatty():
+            log.error("--fresh discards every result of %s; add --yes to confirm", job.job_name)
+            raise typer.Exit(2)
+        if not typer.confirm(f"Discard every result of {job.job_name} in {job.output}?"):
+            raise typer.Exit(EXIT_ERROR)
+    options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
+                         dry_run=dry_run, handle_signals=True)
+    try:
+        result = asyncio.run(run_job(job, options))
+    except BatchGPTError as exc:
+        _fail(exc)
+    if dry_run:
+        from batchgpt.estimate import render_estimate
+
+        if as_json:
+            typer.echo(json.dumps(result.estimate, indent=2))
+        else:
+            typer.echo(render_estimate(result.estimate), err=True)
+        raise typer.Exit(EXIT_OK)
+    if metrics_file is not None:
+        from batchgpt.metrics import write_metrics
+
+        write_metrics(metrics_file, result.summary)
+    if as_json:
+        typer.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
+    if result.plan.to_send:
+        sys.stderr.write(result.table + "\n")
+        sys.stderr.flush()
+    (log.info if result.exit_code == 0 else log.warning)("%s", result.message)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def status(
+    job_path: JobArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """What a job has done so far, read from its state only (no network)."""
+    setup_logging("text", None, False)
+    from batchgpt.status import job_status, render_status
+
+    job = _load(job_path)
+    try:
+        info = job_status(job)
+    except BatchGPTError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(render_status(info))
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")
+                    ] = "127.0.0.1",
+    rpm: Annotated[int | None, typer.Option(help="Enforce this requests-per-minute limit.")
+                   ] = None,
+    tpm: Annotated[int | None, typer.Option(help="Enforce this tokens-per-minute limit.")
+                   ] = None,
+    latency: Annotated[float, typer.Option(help="Seconds before each answer.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for fault injection.")] = 0,
+    error_rate: Annotated[float, typer.Option(help="Fraction of requests answered 500.")
+                          ] = 0.0,
+) -> None:
+    """Serve the built-in simulator as a standalone OpenAI-compatible server."""
+    from batchgpt.simulator import FaultConfig, SimulatorConfig, serve
+
+    config = SimulatorConfig(rpm=rpm, tpm=tpm, latency_s=latency, seed=seed, record=False,
+                             faults=FaultConfig(server_error_rate=error_rate))
+    serve(config, host=host, port=port)
+
+
+@app.command()
+def schema() -> None:
+    """Print the job file's JSON Schema (for editor completion)."""
+    typer.echo(JobConfig.json_schema())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

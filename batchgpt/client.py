@@ -1,0 +1,173 @@
+"""One ChatCompletion attempt through the official openai SDK, reduced to an outcome.
+
+Built once per run (never at import), with the SDK's own retries off (``max_retries=0``):
+batchgpt's limiter and retry engine must see every attempt, or attempts multiply unseen.
+The aiohttp transport is used because it costs about half the CPU per request of the
+default one (see docs/performance.md); the response is read raw and parsed once with
+``json.loads`` rather than through the SDK's pydantic models, which the output file
+doesn't need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from batchgpt.config import ApiSettings
+from batchgpt.errors import ConfigError
+from batchgpt.retry import Failure, Kind
+
+SANDBOX_KEY = "sk-sandbox-not-a-real-key"
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    body: dict[str, Any]  # the chat.completion as the server sent it
+    headers: Mapping[str, str]
+    request_id: str | None
+    latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Either a success or a failure, with the headers to pace by in both cases."""
+
+    success: Success | None
+    failure: Failure | None
+    latency_s: float
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if self.success is not None:
+            return self.success.headers
+        return self.failure.headers if self.failure is not None else {}
+
+
+def resolve_credentials(api: ApiSettings, sandbox_url: str | None) -> tuple[str | None, str]:
+    """(base_url, api_key). The key's value is never put in an error message."""
+    if sandbox_url is not None:
+        return sandbox_url, SANDBOX_KEY
+    base_url = api.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    key = os.environ.get(api.api_key_env, "")
+    if not key:
+        if base_url is not None and api.api_key_env == "OPENAI_API_KEY":
+            # Local servers (vLLM, llama.cpp) usually take any key; the SDK insists on one.
+            return base_url, "sk-no-key-required"
+        raise ConfigError(
+            f"no API key: set the environment variable {api.api_key_env} (named by "
+            "api.api_key_env in the job file), or run with --sandbox to try the built-in "
+            "simulator"
+        )
+    return base_url, key
+
+
+class ChatClient:
+    """Sends one request at a time per call; safe to share across tasks."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        api_key: str,
+        timeout_s: float,
+        max_connections: int = 256,
+        organization: str | None = None,
+        project: str | None = None,
+    ) -> None:
+        self._timeout = timeout_s
+        http_client = _http_client(max_connections)
+        self._sdk = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            organization=organization,
+            project=project,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=http_client,
+        )
+
+    async def aclose(self) -> None:
+        await self._sdk.close()
+
+    async def complete(self, body: Mapping[str, Any]) -> Attempt:
+        start = time.perf_counter()
+        extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
+        try:
+            raw = await self._sdk.chat.completions.with_raw_response.create(
+                model=body["model"],
+                messages=body["messages"],
+                extra_body=extra or None,
+                timeout=self._timeout,
+            )
+        except openai.APITimeoutError:
+            latency = time.perf_counter() - start
+            return Attempt(None, Failure(Kind.TIMEOUT, f"no answer within {self._timeout:g}s"),
+                           latency)
+        except openai.APIConnectionError as exc:
+            latency = time.perf_counter() - start
+            cause = exc.__cause__ or exc
+            return Attempt(None, Failure(Kind.CONNECTION, f"connection failed: "
+                                         f"{type(cause).__name__}: {cause}"[:500]), latency)
+        except openai.APIStatusError as exc:
+            latency = time.perf_counter() - start
+            return Attempt(None, _status_failure(exc), latency)
+        latency = time.perf_counter() - start
+        headers = raw.headers
+        try:
+            parsed = json.loads(raw.content)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+            text = raw.content[:200].decode("utf-8", "replace")
+            return Attempt(
+                None,
+                Failure(Kind.DECODE, f"HTTP {raw.status_code} with a body that is not a "
+                        f"chat.completion: {text!r}", status=raw.status_code,
+                        headers=headers, request_id=raw.request_id),
+                latency,
+            )
+        return Attempt(Success(parsed, headers, raw.request_id, latency), None, latency)
+
+
+def _http_client(max_connections: int) -> Any:
+    """The SDK's aiohttp transport with a pool big enough for the concurrency cap."""
+    import httpx2  # the SDK's own HTTP layer, installed with it
+
+    return openai.DefaultAioHttpClient(
+        limits=httpx2.Limits(max_connections=max_connections,
+                             max_keepalive_connections=max_connections)
+    )
+
+
+def _status_failure(exc: openai.APIStatusError) -> Failure:
+    body = exc.body
+    err = body.get("error", body) if isinstance(body, dict) else None
+    code = type_ = None
+    message = ""
+    if isinstance(err, dict):
+        code = _str(err.get("code"))
+        type_ = _str(err.get("type"))
+        message = _str(err.get("message")) or ""
+    if not message:
+        text = exc.response.text[:300] if exc.response is not None else ""
+        message = text or exc.message
+    return Failure(
+        Kind.HTTP,
+        message,
+        status=exc.status_code,
+        code=code,
+        type=type_,
+        headers=exc.response.headers,
+        body=body,
+        request_id=exc.request_id,
+    )
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,260 @@
+"""A run's figures as a Prometheus metrics file, for batch jobs that run from cron.
+
+A cron job has no process left to scrape when Prometheus comes by, so the figures go to a
+file instead: node_exporter's textfile collector (``--collector.textfile.directory``)
+exposes every ``*.prom`` file in its directory. ``prometheus_client.write_to_textfile``
+writes a temporary file next to the target and renames it over the target, so the
+collector never reads half a file; the temporary name doesn't end in ``.prom``, so it is
+never collected either. Give :func:`write_metrics` a path ending in ``.prom``.
+
+The file is rewritten whole on every run; the one figure carried over from the previous
+file is ``batchgpt_last_success_timestamp_seconds``, so that an alert such as::
+
+    time() - batchgpt_last_success_timestamp_seconds > 26 * 3600
+
+keeps counting from the last good night through any number of failed ones.
+
+Every metric carries a ``job`` label with the job's name. Prometheus attaches its own
+``job`` label (the scrape job's name) to everything it scrapes, and with the default
+``honor_labels: false`` it renames ours to ``exported_job``; query ``exported_job`` then,
+or set ``honor_labels: true`` on the node_exporter scrape job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["JOB_LABEL", "LAST_SUCCESS_METRIC", "OUTCOMES", "write_metrics"]
+
+log = logging.getLogger(__name__)
+
+JOB_LABEL = "job"
+LAST_SUCCESS_METRIC = "batchgpt_last_success_timestamp_seconds"
+
+# Every outcome gets a sample (1 for this run's, 0 for the others), so an alert can say
+# `batchgpt_run_outcome{outcome="completed"} == 0` instead of testing for absence.
+OUTCOMES = ("completed", "failed_rows", "interrupted", "stopped", "error")
+
+_ROW_STATUSES = ("succeeded", "failed", "pending")
+_TOKEN_KINDS = {
+    "prompt": "prompt_tokens",
+    "completion": "completion_tokens",
+    "cached": "cached_tokens",
+    "reasoning": "reasoning_tokens",
+    "total": "total_tokens",
+}
+_RUN_RESULTS = ("sent", "succeeded", "failed", "retries", "rate_limited")
+_QUANTILES = {"0.5": "p50", "0.95": "p95", "0.99": "p99", "1": "max"}
+
+# (label values after `job`, value); a None value means "not known", and is left out.
+_Samples = Iterable[tuple[tuple[str, ...], float | None]]
+
+
+def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:
+    """Write ``summary`` (the run report's JSON shape) to ``path``, replacing the file.
+
+    A key that is missing or None leaves its sample out rather than writing a 0 that would
+    read as a fact: "cost unknown" (a model without a price) must not look like "free".
+
+    Raises ValueError when ``summary`` has no job name or a timestamp can't be read, and
+    TypeError when a figure is not a number: those are bugs in the caller, not conditions
+    of the run. OSError from writing the file is left to the caller as well.
+    """
+    job = summary.get("job")
+    if not isinstance(job, str) or not job:
+        raise ValueError(f"summary needs a job name to label its metrics, got {job!r}")
+
+    requests = _section(summary, "requests")
+    usage = _section(summary, "usage")
+    this_run = _section(summary, "this_run")
+    run_requests = _section(this_run, "requests")
+    run_usage = _section(this_run, "usage")
+    latency = _section(this_run, "latency_s")
+    errors = _section(this_run, "errors_by_code")
+    outcome = summary.get("outcome")
+    finished_at = _timestamp(summary.get("finished_at"))
+    run_duration = _number(this_run, "wall_time_s")
+    if run_duration is None:
+        run_duration = _number(summary, "wall_time_s")
+
+    last_success = finished_at if outcome == "completed" else None
+    if last_success is None:
+        last_success = _previous_last_success(Path(path), job)
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, help_text: str, labels: tuple[str, ...], samples: _Samples) -> None:
+        known = [(values, value) for values, value in samples if value is not None]
+        if not known:
+            return  # no HELP/TYPE lines for a metric with nothing to say
+        metric = Gauge(name, help_text, (JOB_LABEL, *labels), registry=registry)
+        for values, value in known:
+            metric.labels(job, *values).set(value)
+
+    gauge(
+        "batchgpt_rows",
+        "Input rows of the job by state, over all runs of it so far: succeeded, failed "
+        "(given up on, listed in the failures file) or pending (not done yet; a later run "
+        "resumes them).",
+        ("status",),
+        (((status,), _number(requests, status)) for status in _ROW_STATUSES),
+    )
+    gauge(
+        "batchgpt_tokens",
+        "Tokens the job has used over all its runs, as reported by the API. cached is part "
+        "of prompt and reasoning is part of completion.",
+        ("kind",),
+        (((kind,), _number(usage, key)) for kind, key in _TOKEN_KINDS.items()),
+    )
+    gauge(
+        "batchgpt_cost_usd",
+        "Estimated USD the job has cost over all its runs, from batchgpt's price table or "
+        "the job file's pricing block. Absent when the model's price is unknown.",
+        (),
+        [((), _number(summary, "cost_usd"))],
+    )
+    gauge(
+        "batchgpt_run_cost_usd",
+        "Estimated USD the last run cost. Absent when the model's price is unknown.",
+        (),
+        [((), _number(this_run, "cost_usd"))],
+    )
+    gauge(
+        "batchgpt_run_tokens",
+        "Tokens the last run used, as reported by the API.",
+        ("kind",),
+        (((kind,), _number(run_usage, key)) for kind, key in _TOKEN_KINDS.items()),
+    )
+    gauge(
+        "batchgpt_run_duration_seconds",
+        "How long the last run took, start to finish, in seconds.",
+        (),
+        [((), run_duration)],
+    )
+    gauge(
+        "batchgpt_run_requests",
+        "Requests of the last run: sent (every attempt, retries included), succeeded, "
+        "failed (rows given up on), retries, and rate_limited (429 answers).",
+        ("result",),
+        (((result,), _number(run_requests, result)) for result in _RUN_RESULTS),
+    )
+    gauge(
+        "batchgpt_run_errors",
+        "Error answers in the last run by error code (server_error, "
+        "context_length_exceeded, ...), retried or not.",
+        ("code",),
+        (((str(code),), _number(errors, code)) for code in errors),
+    )
+    gauge(
+        "batchgpt_run_latency_seconds",
+        "Request latency in the last run, in seconds: median (0.5), 95th and 99th "
+        "percentile, and the slowest request (1).",
+        ("quantile",),
+        (((q,), _number(latency, key)) for q, key in _QUANTILES.items()),
+    )
+    if isinstance(outcome, str) and outcome:
+        outcomes = OUTCOMES if outcome in OUTCOMES else (*OUTCOMES, outcome)
+        gauge(
+            "batchgpt_run_outcome",
+            "How the last run ended, 1 for its outcome and 0 for the others: completed "
+            "(every row succeeded), failed_rows (finished, but some rows failed), "
+            "interrupted (cut short, e.g. by Ctrl-C or SIGTERM; a rerun resumes), stopped "
+            "(halted because going on was pointless, e.g. bad key or no quota), error "
+            "(batchgpt itself failed).",
+            ("outcome",),
+            (((name,), 1.0 if name == outcome else 0.0) for name in outcomes),
+        )
+    gauge(
+        "batchgpt_last_run_timestamp_seconds",
+        "When the last run finished, whatever its outcome, as a Unix timestamp.",
+        (),
+        [((), finished_at)],
+    )
+    gauge(
+        LAST_SUCCESS_METRIC,
+        "When a run last finished with every row succeeded, as a Unix timestamp; kept "
+        "across failed runs. Alert on time() minus this.",
+        (),
+        [((), last_success)],
+    )
+
+    write_to_textfile(os.fspath(path), registry)
+
+
+def _section(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """A nested part of the summary, or {} when it is missing or None."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"summary field {key!r} should be a mapping, got {value!r}")
+    return value
+
+
+def _number(parent: Mapping[str, Any], key: str) -> float | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"summary field {key!r} should be a number, got {value!r}")
+    return float(value)
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix time from an ISO 8601 string (a datetime or a number also do). A time without
+    an offset is taken as UTC: batchgpt writes UTC, and guessing the local zone of
+    whichever machine reads the report would move the figure by hours."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):  # fromisoformat before Python 3.11 rejects "Z"
+            text = text[:-1] + "+00:00"
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 timestamp: {value!r}") from None
+    else:
+        raise TypeError(f"a timestamp should be an ISO 8601 string, got {value!r}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _previous_last_success(path: Path, job: str) -> float | None:
+    """The last-success time recorded for ``job`` in the file being replaced, if any.
+
+    An unreadable or garbled old file is logged and treated as having none: losing the
+    old value makes the staleness alert fire early, which is better than a run that fails
+    at its very end over its metrics.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("can't read the previous metrics file %s: %s", path, exc)
+        return None
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name != LAST_SUCCESS_METRIC:
+                continue
+            for sample in family.samples:
+                if sample.labels.get(JOB_LABEL) == job and not math.isnan(sample.value):
+                    return float(sample.value)
+    except ValueError as exc:  # the parser's only complaint about malformed text
+        log.warning("ignoring unparsable previous metrics file %s: %s", path, exc)
+    return None

@@ -1,0 +1,259 @@
+"""What a run costs: a price table, model-name resolution, token counts and the arithmetic.
+
+Why it is shaped this way:
+
+- Prices change and this table ages, so a job file's ``pricing:`` block overrides any row
+  (:func:`resolve_price`), and a model the table doesn't know gives a cost of ``None``
+  ("unknown"), never an exception and never a guess: a wrong number in a cost report is
+  worse than a missing one.
+- The API answers with the *snapshot* name (``gpt-4o-mini-2024-07-18``) even when the job
+  asked for the alias, so a dated snapshot resolves to its family's row. Only a date
+  suffix is stripped: ``o3-mini``, ``gpt-5-pro`` or ``gpt-4o-realtime-preview`` are
+  different products with different prices, and resolving them to ``o3``, ``gpt-5`` or
+  ``gpt-4o`` by prefix would under-report their cost up to twelvefold. Snapshots known to
+  be priced apart from their family (``gpt-4o-2024-05-13`` costs twice ``gpt-4o``) are
+  refused the same way.
+- Costs are computed in :class:`~decimal.Decimal` from the prices' decimal spelling, on
+  token counts summed first (``Usage.__add__``), and turned into a float once at the end,
+  so that 1,000,000 gpt-4o-mini prompt tokens cost exactly 0.15 and not
+  0.15000000000000002, and per-row float error doesn't pile up over a million rows.
+
+Example::
+
+    >>> usage = Usage.from_response({"prompt_tokens": 1_000_000, "completion_tokens": 500_000})
+    >>> cost_usd(usage, resolve_price("gpt-4o-mini-2024-07-18"))
+    0.45
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PRICES_AS_OF = "2026-11"
+PRICES_SOURCE = "OpenAI pricing page, as mirrored in LiteLLM's price map, Nov 2026"
+
+# A price is a finite, non-negative number of USD per 1M tokens.
+_Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Price(BaseModel):
+    """USD per 1M tokens for one model.
+
+    The same model validates a job file's ``pricing:`` block, hence ``extra="forbid"``: a
+    typo such as ``cached_inptu`` must be an error, not a silently ignored field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: _Rate
+    output: _Rate
+    cached_input: _Rate | None = None
+    """Cached prompt tokens; None bills them at ``input`` (no cache discount known)."""
+    batch_input: _Rate | None = None
+    """Batch API prompt tokens; None means half of ``input``, OpenAI's batch discount."""
+    batch_output: _Rate | None = None
+    """Batch API completion tokens; None means half of ``output``."""
+
+
+PRICES: dict[str, Price] = {
+    "gpt-4o": Price(
+        input=2.50, output=10.00, cached_input=1.25, batch_input=1.25, batch_output=5.00
+    ),
+    "gpt-4o-mini": Price(
+        input=0.15, output=0.60, cached_input=0.075, batch_input=0.075, batch_output=0.30
+    ),
+    "gpt-4.1": Price(
+        input=2.00, output=8.00, cached_input=0.50, batch_input=1.00, batch_output=4.00
+    ),
+    "gpt-4.1-mini": Price(
+        input=0.40, output=1.60, cached_input=0.10, batch_input=0.20, batch_output=0.80
+    ),
+    "gpt-4.1-nano": Price(
+        input=0.10, output=0.40, cached_input=0.025, batch_input=0.05, batch_output=0.20
+    ),
+    "o3": Price(input=2.00, output=8.00, cached_input=0.50, batch_input=1.00, batch_output=4.00),
+    "o4-mini": Price(
+        input=1.10, output=4.40, cached_input=0.275, batch_input=0.55, batch_output=2.20
+    ),
+    "gpt-5": Price(
+        input=1.25, output=10.00, cached_input=0.125, batch_input=0.625, batch_output=5.00
+    ),
+    "gpt-5-mini": Price(
+        input=0.25, output=2.00, cached_input=0.025, batch_input=0.125, batch_output=1.00
+    ),
+    "gpt-5-nano": Price(
+        input=0.05, output=0.40, cached_input=0.005, batch_input=0.025, batch_output=0.20
+    ),
+    # No cache discount and no batch row in the source table: cached tokens bill at
+    # `input`, batch at the generic 50 %.
+    "gpt-3.5-turbo": Price(input=0.50, output=1.50),
+}
+"""The built-in table (see ``PRICES_SOURCE``, ``PRICES_AS_OF``); keys are family names."""
+
+# Dated snapshots whose price differs from their family's row (OpenAI's pricing page lists
+# them apart: gpt-4o-2024-05-13 at 5.00/15.00, the older gpt-3.5-turbo snapshots at
+# 1.00-1.50/2.00). Resolving them to the family would under-report, and the source table
+# has no rows for them, so they resolve to None unless the job file prices them.
+_PRICED_APART: frozenset[str] = frozenset(
+    {"gpt-4o-2024-05-13", "gpt-3.5-turbo-0301", "gpt-3.5-turbo-0613", "gpt-3.5-turbo-1106"}
+)
+
+# "-2024-07-18" (current style) or "-0613" (older style, MMDD).
+_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def _candidate_names(model: str) -> list[str]:
+    """Names to look up for ``model``, most specific first: as given; without a provider
+    prefix ("openai/gpt-4o" → "gpt-4o"); and each of those without a date suffix."""
+    names = [model]
+    if "/" in model:
+        names.append(model.rsplit("/", 1)[1])
+    for name in list(names):
+        family = _DATE_SUFFIX.sub("", name)
+        if family != name and family and name.rsplit("/", 1)[-1] not in _PRICED_APART:
+            names.append(family)
+    return names
+
+
+def resolve_price(model: str, overrides: Mapping[str, Price] | None = None) -> Price | None:
+    """The price for ``model``, or None when nobody knows it.
+
+    ``overrides`` (the job file's ``pricing:`` block, keyed by model name) replace built-in
+    rows of the same name. Each candidate name (exact, then without provider prefix, then
+    without date suffix) is looked up in the overrides before the built-in table, so an
+    override for ``gpt-4o`` also prices ``gpt-4o-2024-08-06``, while an exact built-in row
+    (``gpt-4o-mini``) still beats an override for a shorter name (``gpt-4o``).
+
+    Because only a date suffix is stripped and the rest must match a row exactly,
+    ``gpt-4o-mini-2024-07-18`` can only become ``gpt-4o-mini``, never ``gpt-4o``; and a name
+    with any other suffix (``gpt-4o-mini-x``, ``o3-pro``) is unknown rather than priced as a
+    model it is not.
+    """
+    for name in _candidate_names(model):
+        if overrides is not None and name in overrides:
+            return overrides[name]
+        if name in PRICES:
+            return PRICES[name]
+    return None
+
+
+def _count(value: Any) -> int:
+    """A token count from a server's JSON, or 0: OpenAI-compatible servers omit fields,
+    send null, or (rarely) send floats; none of that should break accounting."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer():
+        return max(int(value), 0)
+    return 0
+
+
+def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    details = usage.get(key)
+    return details if isinstance(details, Mapping) else {}
+
+
+class Usage(BaseModel):
+    """Token counts, as reported by ``usage`` of a chat.completion, or summed over rows.
+
+    ``cached_tokens`` are part of ``prompt_tokens`` and ``reasoning_tokens`` are part of
+    ``completion_tokens`` (OpenAI reports the details as breakdowns, not extra tokens).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+    cached_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+
+    @classmethod
+    def from_response(cls, usage: Mapping[str, Any] | None) -> Usage:
+        """Read a chat.completion ``usage`` object (as parsed JSON).
+
+        Missing, null or malformed fields count as 0, and a missing ``total_tokens`` is
+        computed, because OpenAI-compatible servers (vLLM, llama.cpp, proxies) often send
+        only ``prompt_tokens`` and ``completion_tokens``, or no ``usage`` at all.
+        """
+        if not isinstance(usage, Mapping):
+            return cls()
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        total = _count(usage.get("total_tokens")) or prompt + completion
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cached_tokens=_count(_details(usage, "prompt_tokens_details").get("cached_tokens")),
+            reasoning_tokens=_count(
+                _details(usage, "completion_tokens_details").get("reasoning_tokens")
+            ),
+        )
+
+    def __add__(self, other: object) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+    def __radd__(self, other: object) -> Usage:
+        """Lets ``sum(usages)`` start from its default 0."""
+        if other == 0:
+            return self
+        return NotImplemented
+
+
+_PER_MILLION = Decimal(1_000_000)
+
+
+def _dec(rate: float) -> Decimal:
+    # From the float's shortest repr, i.e. the decimal a person typed (0.15, not
+    # 0.1499999999999999944488848768742172978818416595458984375).
+    return Decimal(repr(rate))
+
+
+def cost_usd(usage: Usage, price: Price | None, *, batch: bool = False) -> float | None:
+    """USD for ``usage`` at ``price``; None when the price is unknown.
+
+    - Uncached prompt tokens (``prompt_tokens - cached_tokens``) bill at ``input``, cached
+      ones at ``cached_input`` (``input`` when the model has no cache discount).
+    - ``completion_tokens`` bill at ``output``. Reasoning tokens are *not* added again:
+      OpenAI's ``completion_tokens`` already include them, and
+      ``completion_tokens_details.reasoning_tokens`` only says how many of them were
+      reasoning.
+    - ``batch=True`` uses the Batch API rates, ``batch_input``/``batch_output``, or half of
+      ``input``/``output`` when the row has none; cached prompt tokens in a batch get the
+      same discount as outside it: ``batch_input * cached_input / input``.
+
+    Call it once on summed usage (``sum(usages, Usage())``), not per row then summed: the
+    result is a float, and the exact arithmetic only helps if it happens once.
+    """
+    if price is None:
+        return None
+    input_rate = _dec(price.input)
+    output_rate = _dec(price.output)
+    cached_rate = input_rate if price.cached_input is None else _dec(price.cached_input)
+    if batch:
+        half = Decimal("0.5")
+        batch_in = input_rate * half if price.batch_input is None else _dec(price.batch_input)
+        output_rate = output_rate * half if price.batch_output is None else _dec(price.batch_output)
+        # With a zero input price the cache ratio is undefined; nothing to discount then.
+        cached_rate = batch_in * cached_rate / input_rate if input_rate else batch_in
+        input_rate = batch_in
+    # A server reporting more cached than prompt tokens is wrong; bill no more than prompt.
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    uncached = usage.prompt_tokens - cached
+    total = uncached * input_rate + cached * cached_rate + usage.completion_tokens * output_rate
+    return float(total / _PER_MILLION)

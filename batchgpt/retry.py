@@ -1,0 +1,142 @@
+"""Which failures to try again, when, and which ones end the whole run.
+
+One pure function, :func:`decide`, maps (failure, attempt, policy) to a
+:class:`Decision`; the runner only carries it out. Keeping it pure is what lets the
+table in ``tests/test_retry.py`` pin every row of OpenAI's error table down.
+
+The openai SDK has its own retry loop, but it retries ``insufficient_quota`` (it looks at
+the status only) and hides attempts from the limiter, so batchgpt builds its client with
+``max_retries=0`` and decides here instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from batchgpt.config import RetryPolicy
+from batchgpt.limiter import parse_retry_after
+
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+        "billing_hard_limit_reached",
+        "access_terminated",
+    }
+)
+# A server hint longer than this is not waited out inside a run: the row fails as
+# retryable and the next run picks it up.
+MAX_HINT_S = 600.0
+
+
+class Kind(str, enum.Enum):
+    HTTP = "http"  # the server answered with an error status
+    TIMEOUT = "timeout"  # no answer within timeout_s
+    CONNECTION = "connection"  # refused, reset, dropped
+    DECODE = "decode"  # a 2xx whose body is not a chat.completion
+    TOO_LARGE = "too_large"  # refused locally: more tokens than the whole TPM limit
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed attempt, reduced to what a retry decision and the failures file need."""
+
+    kind: Kind
+    message: str
+    status: int | None = None
+    code: str | None = None
+    type: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: object = None  # the parsed error body, where there was one
+    request_id: str | None = None
+
+    @property
+    def error_code(self) -> str:
+        """A stable code for the failures file and the error counts."""
+        if self.code:
+            return self.code
+        if self.kind is Kind.HTTP:
+            if self.type and self.type in QUOTA_CODES:
+                return self.type
+            return f"http_{self.status}"
+        return {
+            Kind.TIMEOUT: "timeout",
+            Kind.CONNECTION: "connection_error",
+            Kind.DECODE: "invalid_response",
+            Kind.TOO_LARGE: "request_too_large",
+        }[self.kind]
+
+    @property
+    def is_rate_limit(self) -> bool:
+        return self.status == 429 and self.error_code not in QUOTA_CODES
+
+
+class Action(str, enum.Enum):
+    RETRY = "retry"
+    FAIL_ROW = "fail_row"
+    STOP_RUN = "stop_run"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    delay_s: float = 0.0
+    # The row failed, but for a reason that may pass (retries ran out on a 5xx, say): the
+    # next run tries it again without --retry-failed.
+    transient: bool = False
+    # Server hint: pause all dispatch this long (a 429's retry-after).
+    pause_s: float | None = None
+    slow_down: bool = False
+    reason: str = ""
+
+
+def backoff(attempt: int, policy: RetryPolicy, rand: float) -> float:
+    """Exponential delay before attempt ``attempt + 1``, capped, with jitter taken off
+    (full-size delays in lock-step would hit the server together)."""
+    base = policy.initial_delay_s * policy.multiplier ** max(0, attempt - 1)
+    return min(policy.max_delay_s, base) * (1.0 - policy.jitter * rand)
+
+
+def decide(
+    failure: Failure, attempt: int, policy: RetryPolicy, rand: float | None = None
+) -> Decision:
+    """What to do after ``attempt`` (1-based) failed with ``failure``."""
+    status, code = failure.status, failure.error_code
+    if failure.kind is Kind.TOO_LARGE:
+        return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
+    if failure.kind is Kind.HTTP and status is not None:
+        if status in (401, 403):
+            return Decision(Action.STOP_RUN, reason="authentication" if status == 401
+                            else "permission")
+        if code in QUOTA_CODES:
+            return Decision(Action.STOP_RUN, reason="quota")
+        if status == 404 and code == "model_not_found":
+            return Decision(Action.STOP_RUN, reason="model not found")
+        if status == 429 and "request too large" in failure.message.lower():
+            return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
+        if 400 <= status < 500 and status not in (408, 409, 429):
+            return Decision(Action.FAIL_ROW, reason=f"HTTP {status}")
+    # Everything else may pass: 408, 409, 429 rate_limit_exceeded, 5xx, timeouts,
+    # dropped connections, bodies that are not JSON (a gateway's HTML page).
+    hint = parse_retry_after(failure.headers, failure.message)
+    slow = status == 503 or failure.is_rate_limit
+    if attempt >= policy.max_attempts:
+        return Decision(Action.FAIL_ROW, transient=True, slow_down=slow,
+                        reason=f"gave up after {attempt} attempts")
+    if hint is not None and hint > MAX_HINT_S:
+        return Decision(Action.FAIL_ROW, transient=True,
+                        reason=f"server asks to wait {hint:.0f}s; left for the next run")
+    delay = backoff(attempt, policy, random.random() if rand is None else rand)
+    pause = None
+    if hint is not None:
+        delay = hint
+        if failure.is_rate_limit:
+            pause = hint
+    return Decision(Action.RETRY, delay_s=delay, pause_s=pause, slow_down=slow,
+                    reason="retryable")

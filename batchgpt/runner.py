@@ -1,0 +1,559 @@
+"""The pipeline: plan → pace → send → retry → checkpoint → report.
+
+``run_job`` is the library entry point the CLI wraps. One run: lock the job's state,
+repair the output, validate the whole input and work out what is pending (nothing is
+sent if any line is bad), then stream the pending rows through a bounded set of workers.
+Each worker takes its row through the limiter, the client and the retry decision until
+the row succeeds, fails for good, or the run stops; its concurrency slot is held until
+the row's outcome is durably committed, which bounds what a kill can cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchgpt.client import Attempt, ChatClient, resolve_credentials
+from batchgpt.config import JobConfig
+from batchgpt.errors import BatchGPTError, ConfigError, RequestTooLarge, RunStopped
+from batchgpt.limiter import RateLimiter
+from batchgpt.plan import Plan, make_plan
+from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.report import RunStats, build_summary, render_table, write_summary
+from batchgpt.retry import Action, Failure, Kind, decide
+from batchgpt.source import InputFile, Row
+from batchgpt.store import Store, now_iso
+
+log = logging.getLogger("batchgpt")
+
+DEFAULT_MAX_CONCURRENCY = 256
+MIN_CONCURRENCY = 4
+PROGRESS_EVERY_S = 10.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_ROWS_FAILED = 3
+EXIT_BUDGET = 4
+EXIT_LOCKED = 75
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+@dataclass
+class RunOptions:
+    """How to run a job this time (the job file says what to run)."""
+
+    sandbox: bool = False
+    retry_failed: bool = False
+    fresh: bool = False
+    limit: int | None = None
+    dry_run: bool = False
+    handle_signals: bool = False  # install SIGINT/SIGTERM handlers (the CLI does)
+    grace_s: float = 30.0  # after a first signal, how long in-flight requests may finish
+    progress: Callable[[dict[str, Any]], None] | None = None  # called with live figures
+    sandbox_config: Any = None  # a simulator.SimulatorConfig for --sandbox
+
+
+@dataclass
+class RunResult:
+    outcome: str  # completed | failed_rows | stopped | interrupted | nothing_to_do | dry_run
+    exit_code: int
+    summary: dict[str, Any]
+    plan: Plan
+    message: str = ""
+    table: str = ""
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+
+class Slots:
+    """A semaphore whose size can change while it is in use: the concurrency the limits
+    need follows observed latency (Little's law: in flight = rate × latency)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_use < self.limit)
+            self.in_use += 1
+
+    async def release(self) -> None:
+        async with self._cond:
+            self.in_use -= 1
+            self._cond.notify()
+
+    async def resize(self, limit: int) -> None:
+        async with self._cond:
+            grew = limit > self.limit
+            self.limit = limit
+            if grew:
+                self._cond.notify(limit - self.in_use)
+
+
+class _Run:
+    """State of one run; the methods are the pipeline's stages."""
+
+    def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
+                 source: InputFile) -> None:
+        self.job = job
+        self.options = options
+        self.store = store
+        self.plan = plan
+        self.source = source
+        self.stats = RunStats()
+        lim = job.limits
+        self.limiter = RateLimiter(lim.rpm, lim.tpm)
+        self.cap = lim.concurrency or DEFAULT_MAX_CONCURRENCY
+        self.slots = Slots(self._initial_concurrency())
+        self.stop_reason: str | None = None  # quota | authentication | budget | signal ...
+        self.stop_message: str | None = None
+        self.stop_exit: int | None = None
+        self.stopping = asyncio.Event()
+        self.abandon = asyncio.Event()
+        self.waiting_tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.latency_ema: float | None = None
+        self.spent = 0.0
+        self.reserved = 0.0
+        self.price = resolve_price(job.model, job.pricing) if job.model else None
+        self.client: ChatClient | None = None
+
+    # -- concurrency --------------------------------------------------------------------
+    def _rate_per_s(self) -> float | None:
+        rpm, tpm = self.limiter.effective_rpm, self.limiter.effective_tpm
+        rates = []
+        if rpm:
+            rates.append(rpm / 60)
+        if tpm and self.plan.to_send:
+            avg_cost = max(1.0, (self.plan.prompt_tokens + self.plan.max_completion_tokens
+                                 + 256 * self.plan.uncapped) / self.plan.to_send)
+            rates.append(tpm / 60 / avg_cost)
+        return min(rates) if rates else None
+
+    def _initial_concurrency(self) -> int:
+        if self.job.limits.concurrency:
+            return self.cap
+        return min(self.cap, 64)
+
+    def _target_concurrency(self) -> int:
+        rate = self._rate_per_s()
+        if rate is None or self.latency_ema is None:
+            return self.slots.limit
+        want = math.ceil(rate * self.latency_ema * 1.5) + 2
+        return max(MIN_CONCURRENCY, min(self.cap, want))
+
+    # -- stopping -----------------------------------------------------------------------
+    def request_stop(self, reason: str, message: str, exit_code: int) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_message, self.stop_exit = reason, message, exit_code
+            log.warning("stopping: %s", message)
+        self.stopping.set()
+        for task in list(self.waiting_tasks):  # not on the wire: nothing to wait for
+            task.cancel()
+
+    def on_signal(self, signum: int) -> None:
+        if self.stopping.is_set() and self.stop_reason == "signal":
+            log.warning("second signal: abandoning requests in flight")
+            self.abandon.set()
+            for task in list(self.tasks):
+                task.cancel()
+            return
+        name = signal.Signals(signum).name
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self.request_stop(
+            "signal",
+            f"{name} received: finishing requests in flight (up to {self.options.grace_s:g}s; "
+            "a second signal abandons them)",
+            code,
+        )
+
+    # -- budget -------------------------------------------------------------------------
+    def _max_cost(self, row: Row) -> float | None:
+        price = resolve_price(row.body.get("model", ""), self.job.pricing)
+        cap = row.max_output_tokens
+        if price is None:
+            return None
+        out = cap if cap is not None else 4096
+        return cost_usd(Usage(prompt_tokens=row.prompt_tokens, completion_tokens=out,
+                              total_tokens=row.prompt_tokens + out), price)
+
+    def _admit_budget(self, row: Row) -> float | None:
+        """Reserve the most this row may cost; None when the budget says stop."""
+        cap = self.job.limits.max_cost_usd
+        if cap is None:
+            return 0.0
+        worst = self._max_cost(row) or 0.0
+        if self.spent + self.reserved + worst > cap:
+            self.request_stop(
+                "budget",
+                f"budget: ${self.spent:.4f} spent and ${self.reserved:.4f} in flight; the next "
+                f"row could cost up to ${worst:.4f}, over limits.max_cost_usd ${cap:g}",
+                EXIT_BUDGET,
+            )
+            return None
+        self.reserved += worst
+        return worst
+
+    # -- the pipeline -------------------------------------------------------------------
+    async def dispatch(self) -> None:
+        rows = self.source.read_at(self.plan.pending_positions())
+        for row in rows:
+            if self.stopping.is_set():
+                break
+            await self.slots.acquire()
+            if self.stopping.is_set():
+                await self.slots.release()
+                break
+            reserved = self._admit_budget(row)
+            if reserved is None:
+                await self.slots.release()
+                break
+            task = asyncio.create_task(self.work(row, reserved))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+
+    async def work(self, row: Row, reserved: float) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        try:
+            await self._attempts(row, me)
+        except asyncio.CancelledError:
+            pass  # the row stays pending: the next run sends it
+        finally:
+            self.waiting_tasks.discard(me)
+            self.reserved -= reserved
+            await self.slots.release()
+
+    async def _attempts(self, row: Row, me: asyncio.Task[None]) -> None:
+        assert self.client is not None
+        policy = self.job.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            self.waiting_tasks.add(me)
+            if self.stopping.is_set():
+                return
+            try:
+                await self.limiter.acquire(row.cost)
+            except RequestTooLarge as exc:
+                self.waiting_tasks.discard(me)
+                await self._fail(row, Failure(Kind.TOO_LARGE, str(exc)), attempt - 1, False)
+                return
+            if self.stopping.is_set():
+                return
+            self.waiting_tasks.discard(me)
+            self.stats.sent += 1
+            result = await self.client.complete(row.body)
+            self.stats.add_latency(result.latency_s)
+            self._observe(result)
+            if result.success is not None:
+                await self._succeed(row, result, attempt)
+                return
+            failure = result.failure
+            assert failure is not None
+            self.stats.errors[failure.error_code] += 1
+            if failure.is_rate_limit:
+                self.stats.rate_limited += 1
+            decision = decide(failure, attempt, policy)
+            if decision.slow_down:
+                self.limiter.slow_down()
+            if decision.pause_s:
+                self.limiter.pause(decision.pause_s)
+            if decision.action is Action.RETRY:
+                self.stats.retries += 1
+                self.waiting_tasks.add(me)
+                if self.stopping.is_set():
+                    return
+                await asyncio.sleep(decision.delay_s)
+                continue
+            if decision.action is Action.FAIL_ROW:
+                await self._fail(row, failure, attempt, decision.transient)
+                return
+            self.request_stop(decision.reason, _stop_message(decision.reason, failure),
+                              EXIT_ERROR)
+            return
+
+    def _observe(self, result: Attempt) -> None:
+        self.limiter.observe(result.headers)
+        lat = result.latency_s
+        self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
+
+    async def _succeed(self, row: Row, result: Attempt, attempts: int) -> None:
+        success = result.success
+        assert success is not None
+        body = success.body
+        echoed = body.get("model")
+        model: str = echoed if isinstance(echoed, str) else row.body["model"]
+        usage = Usage.from_response(body.get("usage"))
+        line = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": row.custom_id,
+            "response": {"status_code": 200, "request_id": success.request_id, "body": body},
+            "error": None,
+        }
+        data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        await self.store.put_success(row.custom_id, row.request_hash, data, attempts, model,
+                                     usage)
+        self.limiter.record_success()
+        self.stats.succeeded += 1
+        self.stats.add_usage(model, usage)
+        cost = cost_usd(usage, resolve_price(model, self.job.pricing))
+        if cost is not None:
+            self.spent += cost
+
+    async def _fail(self, row: Row, failure: Failure, attempts: int, transient: bool) -> None:
+        response = None
+        if failure.status is not None:
+            response = {"status_code": failure.status, "request_id": failure.request_id,
+                        "body": failure.body}
+        line = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": row.custom_id,
+            "response": response,
+            "error": {
+                "code": failure.error_code,
+                "message": failure.message,
+                "status": failure.status,
+                "type": failure.type,
+                "attempts": attempts,
+                "retryable": transient,
+            },
+        }
+        data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
+        await self.store.put_failure(row.custom_id, row.request_hash, data, attempts,
+                                     failure.error_code, transient)
+        self.stats.failed += 1
+        log.debug("row %s failed: %s (%s)", row.custom_id, failure.error_code, failure.message)
+
+    async def housekeeping(self, total: int, started: float) -> None:
+        """Resize concurrency to what the limits need, and report progress."""
+        last_report = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            target = self._target_concurrency()
+            if target != self.slots.limit:
+                await self.slots.resize(target)
+            now = time.monotonic()
+            figures = self.figures(total, started)
+            if self.options.progress is not None:
+                self.options.progress(figures)
+            elif now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                log.info(
+                    "progress: %d/%d done, %d failed, %d in flight, %.0f req/min, cost %s",
+                    figures["done"], total, figures["failed"], figures["in_flight"],
+                    figures["rpm"], "?" if figures["cost_usd"] is None
+                    else f"${figures['cost_usd']:.4f}",
+                )
+
+    def figures(self, total: int, started: float) -> dict[str, Any]:
+        elapsed = max(1e-6, time.monotonic() - started)
+        usage = self.stats.usage
+        return {
+            "done": self.stats.succeeded, "failed": self.stats.failed, "total": total,
+            "in_flight": self.slots.in_use, "rpm": self.stats.sent * 60 / elapsed,
+            "tpm": usage.total_tokens * 60 / elapsed, "cost_usd": self.spent,
+            "limit_rpm": self.limiter.effective_rpm, "limit_tpm": self.limiter.effective_tpm,
+            "elapsed_s": elapsed,
+        }
+
+
+def _stop_message(reason: str, failure: Failure) -> str:
+    what = {
+        "quota": "the account is out of quota or credit",
+        "authentication": "the API key was refused",
+        "permission": "the key has no permission for this request",
+        "model not found": "the model does not exist or the key has no access to it",
+    }.get(reason, reason)
+    return (f"{what} (HTTP {failure.status}, {failure.error_code}): {failure.message}. "
+            "Nothing more is sent; rerun when it is fixed — finished rows are kept.")
+
+
+async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResult:
+    """Run (or resume) a job. Raises BatchGPTError for anything that stops it from
+    running at all; everything else ends in a RunResult with an exit code."""
+    options = options or RunOptions()
+    store = Store(job)
+    store.open(lock=not options.dry_run)
+    try:
+        if options.fresh:
+            store.reset()
+        source = InputFile(job)
+        plan = make_plan(job, source, store, retry_failed=options.retry_failed,
+                         limit=options.limit)
+        if options.dry_run:
+            from batchgpt.estimate import estimate
+
+            est = estimate(job, plan)
+            return RunResult("dry_run", EXIT_OK, {}, plan, estimate=est)
+        _check_budget_prices(job)
+        return await _execute(job, options, store, plan, source)
+    finally:
+        store.close()
+
+
+def _check_budget_prices(job: JobConfig) -> None:
+    if job.limits.max_cost_usd is not None and job.model and resolve_price(
+        job.model, job.pricing
+    ) is None:
+        raise ConfigError(
+            f"limits.max_cost_usd is set but the price of model '{job.model}' is unknown: "
+            "add it under `pricing:` in the job file"
+        )
+
+
+async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
+                   source: InputFile) -> RunResult:
+    started_at = now_iso()
+    t0 = time.monotonic()
+    run = _Run(job, options, store, plan, source)
+    store.start_run()
+    describe = (f"{plan.rows} rows: {plan.done} done before, {plan.to_send} to send "
+                f"({plan.new} new, {plan.retrying} retried, {plan.changed} changed since their "
+                f"result)")
+    if plan.failed_kept:
+        describe += f", {plan.failed_kept} failed before (use --retry-failed to send again)"
+    if plan.deferred:
+        describe += f", {plan.deferred} left for later (--limit)"
+    if plan.changed_kept:
+        describe += f"; {plan.changed_kept} changed but kept (on_change: keep)"
+    log.info("%s: %s", job.job_name, describe)
+
+    sim = None
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    housekeeping: asyncio.Task[None] | None = None
+    try:
+        if plan.to_send:
+            sandbox_url = None
+            if options.sandbox:
+                from batchgpt.simulator import Simulator, SimulatorConfig
+
+                sim = Simulator(options.sandbox_config or SimulatorConfig())
+                sandbox_url = await sim.start()
+                log.info("sandbox: built-in simulator at %s (no API key used)", sandbox_url)
+            base_url, key = resolve_credentials(job.api, sandbox_url)
+            run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
+                                    max_connections=run.cap, organization=job.api.organization,
+                                    project=job.api.project)
+            if options.handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.add_signal_handler(sig, run.on_signal, sig)
+                        installed.append(sig)
+            store.start_writer()
+            housekeeping = asyncio.create_task(run.housekeeping(plan.to_send, t0))
+            dispatch = asyncio.create_task(run.dispatch())
+            await _wait_with_grace(run, dispatch, options.grace_s)
+        else:
+            log.info("nothing to send: every row is already accounted for")
+    finally:
+        if housekeeping is not None:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+        await store.stop_writer()
+        for installed_sig in installed:
+            loop.remove_signal_handler(installed_sig)
+        if run.client is not None:
+            await run.client.aclose()
+        if sim is not None:
+            await sim.stop()
+    store.finalize()
+    totals = store.totals()
+    pending = plan.rows - totals.succeeded - totals.failed
+    pending = max(0, pending)
+    if run.stop_reason is not None:
+        outcome = "interrupted" if run.stop_reason == "signal" else "stopped"
+        exit_code = run.stop_exit or EXIT_ERROR
+    elif totals.failed:
+        outcome, exit_code = "failed_rows", EXIT_ROWS_FAILED
+    else:
+        outcome, exit_code = "completed", EXIT_OK
+    wall = time.monotonic() - t0
+    summary = build_summary(
+        job_name=job.job_name, outcome=outcome, stopped=run.stop_reason,
+        message=run.stop_message, started_at=started_at, finished_at=now_iso(),
+        wall_time_s=wall, rows_total=plan.rows, totals=totals, stats=run.stats,
+        pricing=job.pricing, output=Path(job.output), failures=job.failures_path,
+        pending=pending,
+    )
+    summary["plan"] = {"to_send": plan.to_send, "new": plan.new, "retried": plan.retrying,
+                       "changed": plan.changed, "changed_kept": plan.changed_kept,
+                       "already_done": plan.done, "failed_kept": plan.failed_kept,
+                       "deferred": plan.deferred}
+    write_summary(job.summary_path, summary)
+    store.finish_run(outcome, summary)
+    if outcome == "completed" and not plan.to_send:
+        outcome_line = f"nothing to do: all {totals.succeeded} rows already succeeded"
+    else:
+        outcome_line = _outcome_line(outcome, summary, run.stop_message)
+    return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
+                     table=render_table(summary))
+
+
+async def _wait_with_grace(run: _Run, dispatch: asyncio.Task[None], grace_s: float) -> None:
+    stop_wait = asyncio.create_task(run.stopping.wait())
+    try:
+        await asyncio.wait({dispatch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if dispatch.done():
+            dispatch.result()
+            return
+        # Stopping: in-flight requests get the grace period (a signal) or finish (others).
+        timeout = grace_s if run.stop_reason == "signal" else None
+        abandon = asyncio.create_task(run.abandon.wait())
+        done, _ = await asyncio.wait({dispatch, abandon}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        abandon.cancel()
+        if dispatch not in done:
+            for task in list(run.tasks):
+                task.cancel()
+            dispatch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
+        else:
+            dispatch.result()
+    finally:
+        stop_wait.cancel()
+
+
+def _outcome_line(outcome: str, summary: dict[str, Any], message: str | None) -> str:
+    req = summary["requests"]
+    where = summary["output"]
+    if outcome == "completed":
+        extra = f", {req['pending']} pending (--limit)" if req["pending"] else ""
+        return f"done: {req['succeeded']} rows succeeded{extra}; output in {where}"
+    if outcome == "failed_rows":
+        return (f"finished with {req['failed']} failed rows ({req['succeeded']} succeeded); "
+                f"see {summary['failures']}; output in {where}")
+    if outcome == "interrupted":
+        return (f"interrupted: {req['succeeded']} succeeded, {req['pending']} pending; rerun to "
+                f"continue; output in {where}")
+    return (f"stopped ({summary['stopped']}): {message}; {req['succeeded']} succeeded, "
+            f"{req['pending']} pending; output in {where}")
+
+
+def run_job_sync(job: JobConfig | str | os.PathLike[str], options: RunOptions | None = None,
+                 ) -> RunResult:
+    """``run_job`` for callers without an event loop."""
+    if not isinstance(job, JobConfig):
+        job = JobConfig.load(Path(job))
+    return asyncio.run(run_job(job, options))
+
+
+__all__ = ["BatchGPTError", "RunOptions", "RunResult", "RunStopped", "run_job", "run_job_sync"]

@@ -1,0 +1,292 @@
+"""Input JSONL → the exact request each row sends.
+
+Three line forms are accepted, told apart by their keys:
+
+1. Batch API request line ``{"custom_id", "method", "url", "body"}`` — the file a user
+   would upload to OpenAI's Batch API runs here unchanged; body values win over the job's
+   ``model``/``params`` defaults.
+2. Chat line ``{"id", "messages", ...params}`` — a conversation; other keys are per-line
+   request parameters.
+3. Template line ``{"id", ...fields}`` — rendered through the job's ``prompt``.
+
+Every row's request is canonicalised and hashed: the hash is what ties a stored result
+to the request that produced it, so an edited prompt or parameter is noticed on resume.
+The file is read in binary and by byte offset so a second pass can fetch just the
+pending lines of a million-line file without holding it in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchgpt.config import JobConfig, template_fields
+from batchgpt.errors import InputError, InputProblem
+from batchgpt.tokens import output_cap, prompt_tokens, request_cost
+
+MAX_PROBLEMS = 50
+CHAT_URLS = {"/v1/chat/completions", "/chat/completions"}
+BATCH_KEYS = {"custom_id", "method", "url", "body"}
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input record, ready to send."""
+
+    custom_id: str
+    line: int
+    body: dict[str, Any]
+    request_hash: str
+
+    @property
+    def cost(self) -> int:
+        """Tokens it counts against TPM (see batchgpt.tokens)."""
+        return request_cost(self.body)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return prompt_tokens(self.body.get("messages"))
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return output_cap(self.body)
+
+
+class RowError(ValueError):
+    """What is wrong with one line (the caller adds file and line)."""
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class RowBuilder:
+    """Turns one parsed JSON line into a :class:`Row`, given the job's defaults."""
+
+    __slots__ = ("_base", "_fields", "_job")
+
+    def __init__(self, job: JobConfig) -> None:
+        self._job = job
+        self._fields = template_fields(job.prompt) if job.prompt is not None else ["text"]
+        base: dict[str, Any] = {}
+        if job.model is not None:
+            base["model"] = job.model
+        base.update(job.params)
+        self._base = base
+
+    def build(self, record: Any, line: int) -> Row:
+        if not isinstance(record, dict):
+            raise RowError(f"a line must be a JSON object, not {type(record).__name__}")
+        if BATCH_KEYS & record.keys():
+            custom_id, body = self._batch(record)
+        elif "messages" in record:
+            custom_id, body = self._chat(record)
+        else:
+            custom_id, body = self._template(record)
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise RowError("no model: set `model` in the job file or in the line's body")
+        if body.get("stream"):
+            raise RowError("'stream': true is not supported in a batch")
+        return Row(custom_id, line, body, request_hash(body))
+
+    # -- the three forms -----------------------------------------------------------------
+    def _batch(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        missing = [k for k in ("custom_id", "body") if k not in record]
+        if missing:
+            raise RowError(f"Batch API line without {' and '.join(repr(m) for m in missing)}")
+        custom_id = _id(record["custom_id"], "custom_id")
+        method = record.get("method", "POST")
+        if method != "POST":
+            raise RowError(f"'method' must be \"POST\", not {method!r}")
+        url = record.get("url", "/v1/chat/completions")
+        if url not in CHAT_URLS:
+            raise RowError(f"'url' must be \"/v1/chat/completions\", not {url!r}")
+        body = record["body"]
+        if not isinstance(body, dict):
+            raise RowError("'body' must be a JSON object")
+        _check_messages(body.get("messages"), "body.messages")
+        return custom_id, {**self._base, **body}
+
+    def _chat(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if "id" not in record:
+            raise RowError("chat line without 'id'")
+        custom_id = _id(record["id"], "id")
+        messages = record["messages"]
+        _check_messages(messages, "messages")
+        if self._job.system is not None and messages[0].get("role") not in ("system",
+                                                                            "developer"):
+            messages = [{"role": "system", "content": self._job.system}, *messages]
+        params = {k: v for k, v in record.items() if k not in ("id", "messages", "metadata")}
+        if "stream" in params:
+            raise RowError("'stream' is not supported in a batch")
+        return custom_id, {**self._base, **params, "messages": messages}
+
+    def _template(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if "id" not in record:
+            raise RowError("line without 'id' (or 'custom_id' for a Batch API line)")
+        custom_id = _id(record["id"], "id")
+        values = {}
+        for name in self._fields:
+            if name not in record:
+                if self._job.prompt is None:
+                    raise RowError(
+                        "template line without 'text' (the job has no `prompt`, so a "
+                        "record's 'text' is the message), and no 'messages'"
+                    )
+                raise RowError(f"missing field '{name}' used by the job's prompt")
+            value = record[name]
+            values[name] = value if isinstance(value, str) else json.dumps(
+                value, ensure_ascii=False
+            )
+        content = (self._job.prompt or "{text}").format_map(values)
+        messages: list[dict[str, Any]] = []
+        if self._job.system is not None:
+            messages.append({"role": "system", "content": self._job.system})
+        messages.append({"role": "user", "content": content})
+        return custom_id, {**self._base, "messages": messages}
+
+
+def _id(value: Any, key: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise RowError(f"'{key}' must be a string or an integer")
+    text = str(value)
+    if not text.strip():
+        raise RowError(f"'{key}' is empty")
+    return text
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"'{where}' must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RowError(f"'{where}[{i}]' must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RowError(f"'{where}[{i}].role' must be one of {sorted(ROLES)}, not {role!r}")
+        if "content" not in message and role != "assistant":
+            raise RowError(f"'{where}[{i}]' has no 'content'")
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedRow:
+    """A valid row and where it starts in the file."""
+
+    row: Row
+    offset: int
+
+    @property
+    def custom_id(self) -> str:
+        return self.row.custom_id
+
+
+class InputFile:
+    """A JSONL input, read twice: :meth:`scan` validates every line and yields what resume
+    needs; :meth:`read_at` rebuilds the rows that are pending, by byte offset."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+        self.path = Path(job.input)
+        self.builder = RowBuilder(job)
+
+    def _open(self) -> Any:
+        try:
+            return self.path.open("rb")
+        except FileNotFoundError:
+            raise InputError([InputProblem(str(self.path), 0, "input file not found")]) from None
+        except OSError as exc:
+            raise InputError(
+                [InputProblem(str(self.path), 0, f"cannot read input: {exc.strerror}")]
+            ) from None
+
+    def scan(self) -> Iterator[ScannedRow]:
+        """Validate the whole file; yield each valid row. Raises InputError at the end if
+        any line was bad (so nothing is sent for a file with a problem anywhere)."""
+        problems: list[InputProblem] = []
+        extra = 0
+        # 64-bit hashes of ids: O(rows) small ints, not strings. The line a duplicate first
+        # appeared on is looked up again only when there is one (the error path).
+        seen: set[int] = set()
+        duplicates: dict[str, list[int]] = {}
+        name = str(self.path)
+
+        def problem(line: int, msg: str) -> None:
+            nonlocal extra
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(InputProblem(name, line, msg))
+            else:
+                extra += 1
+
+        with self._open() as fh:
+            offset = 0
+            for number, raw in enumerate(fh, start=1):
+                start = offset
+                offset += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except UnicodeDecodeError:
+                    problem(number, "not UTF-8 text")
+                    continue
+                except json.JSONDecodeError as exc:
+                    problem(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
+                    continue
+                try:
+                    row = self.builder.build(record, number)
+                except RowError as exc:
+                    problem(number, str(exc))
+                    continue
+                key = int.from_bytes(
+                    hashlib.blake2b(row.custom_id.encode(), digest_size=8).digest(), "big"
+                )
+                if key in seen:
+                    duplicates.setdefault(row.custom_id, []).append(number)
+                    problem(number, f"duplicate id {row.custom_id!r}")
+                    continue
+                seen.add(key)
+                if not problems:
+                    yield ScannedRow(row, start)
+        if problems:
+            if duplicates:
+                problems = self._name_first_lines(problems, duplicates)
+            raise InputError(problems, extra)
+
+    def _name_first_lines(
+        self, problems: list[InputProblem], duplicates: dict[str, list[int]]
+    ) -> list[InputProblem]:
+        first: dict[str, int] = {}
+        with self._open() as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    record = json.loads(raw)
+                    custom_id = str(record.get("custom_id", record.get("id")))
+                except (ValueError, AttributeError):
+                    continue
+                if custom_id in duplicates and custom_id not in first:
+                    first[custom_id] = number
+                    if len(first) == len(duplicates):
+                        break
+        out = []
+        for p in problems:
+            for custom_id, lines in duplicates.items():
+                if p.line in lines and custom_id in first and first[custom_id] != p.line:
+                    p = InputProblem(p.path, p.line, f"{p.message} (first on line "
+                                     f"{first[custom_id]})")
+                    break
+            out.append(p)
+        return out
+
+    def read_at(self, offsets: Iterator[tuple[int, int]]) -> Iterator[Row]:
+        """Rebuild rows at (offset, line) positions, in file order."""
+        with self._open() as fh:
+            for offset, line in offsets:
+                fh.seek(offset)
+                raw = fh.readline()
+                yield self.builder.build(json.loads(raw), line)

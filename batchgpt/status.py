@@ -1,0 +1,84 @@
+"""``batchgpt status``: what a job has done, read from its state only — no network, no
+lock taken, safe while a run is going."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from batchgpt.config import JobConfig
+from batchgpt.report import price_usage
+from batchgpt.store import JobLock, Store
+
+
+def _count_input_lines(job: JobConfig) -> int | None:
+    try:
+        with open(job.input, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return None
+
+
+def job_status(job: JobConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "job": job.job_name,
+        "input": str(job.input),
+        "output": str(job.output),
+        "state": str(job.state_dir),
+        "locked_by": JobLock.holder(job.state_dir) if job.state_dir.exists() else None,
+    }
+    rows = _count_input_lines(job)
+    db_path = job.state_dir / "rows.sqlite"
+    if not db_path.exists():
+        info.update(started=False, requests={"total": rows, "succeeded": 0, "failed": 0,
+                                             "pending": rows},
+                    failed_by_code={}, usage=None, cost_usd=None, last_run=None)
+        return info
+    store = Store(job)
+    store._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        totals = store.totals()
+        last = store.last_run()
+    finally:
+        store._db.close()
+        store._db = None
+    cost, unknown = price_usage(totals.usage_by_model, job.pricing)
+    pending = None if rows is None else max(0, rows - totals.succeeded - totals.failed)
+    info.update(
+        started=True,
+        requests={"total": rows, "succeeded": totals.succeeded, "failed": totals.failed,
+                  "pending": pending},
+        failed_by_code=totals.failed_by_code,
+        usage=totals.usage.model_dump(),
+        cost_usd=cost,
+        cost_unknown_models=unknown,
+        last_run=last,
+    )
+    return info
+
+
+def render_status(info: dict[str, Any]) -> str:
+    req = info["requests"]
+    lines = [f"job {info['job']}  (output {info['output']})"]
+    if not info["started"]:
+        lines.append(f"  not started: {req['total']} rows pending")
+        return "\n".join(lines)
+    lines.append(f"  succeeded  {req['succeeded']:,}")
+    failed = f"  failed     {req['failed']:,}"
+    if info["failed_by_code"]:
+        failed += "  (" + ", ".join(f"{k} {v}" for k, v in info["failed_by_code"].items()) + ")"
+    lines.append(failed)
+    lines.append(f"  pending    {req['pending'] if req['pending'] is not None else '?'}")
+    u = info["usage"]
+    lines.append(f"  tokens     {u['prompt_tokens']:,} prompt + {u['completion_tokens']:,} "
+                 f"completion = {u['total_tokens']:,}")
+    cost = info["cost_usd"]
+    lines.append("  cost       " + ("unknown (add `pricing:`)" if cost is None
+                                    else f"${cost:,.4f}"))
+    last = info["last_run"]
+    if last:
+        ended = f"finished {last['finished_at']}" if last["finished_at"] else "not finished"
+        lines.append(f"  last run   started {last['started_at']}, {ended}, "
+                     f"outcome {last['outcome'] or '-'}")
+    lines.append(f"  lock       {'held: ' + info['locked_by'] if info['locked_by'] else 'free'}")
+    return "\n".join(lines)
