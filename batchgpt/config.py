@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -155,9 +156,10 @@ class JobConfig(_Strict):
         except ValidationError as exc:
             raise ConfigError(_explain(exc, path, lines)) from None
         base = path.resolve().parent
-        return job.model_copy(
-            update={"input": base / job.input, "output": base / job.output}
-        )
+        return job.model_copy(update={
+            "input": Path(os.path.normpath(base / job.input)),
+            "output": Path(os.path.normpath(base / job.output)),
+        })
 
     @classmethod
     def json_schema(cls) -> str:
@@ -228,7 +230,9 @@ def _explain(exc: ValidationError, path: Path, lines: Mapping[tuple[str, ...], i
         if err["type"] == "extra_forbidden":
             known = _fields_at(tuple(err["loc"][:-1]))
             close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else (
+            parent = ".".join(loc[:-1])
+            suggestion = f"{parent}.{close[0]}" if close and parent else (close or [""])[0]
+            hint = f"; did you mean '{suggestion}'?" if close else (
                 f"; known keys: {', '.join(known)}" if known else ""
             )
             messages.append(f"{where}: unknown key '{dotted}'{hint}")

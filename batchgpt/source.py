@@ -231,7 +231,10 @@ class InputFile:
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw)
+                    text = raw.decode("utf-8")
+                    if number == 1:
+                        text = text.removeprefix("\ufeff")
+                    record = json.loads(text)
                 except UnicodeDecodeError:
                     problem(number, "not UTF-8 text")
                     continue
