@@ -100,8 +100,18 @@ def run(
             raise typer.Exit(EXIT_ERROR)
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
                          dry_run=dry_run, handle_signals=True)
+    live = None
+    if sys.stderr.isatty() and not dry_run and log_format == "text":
+        from batchgpt.progress import LiveProgress
+
+        live = LiveProgress()
+        options.progress = live.update
     try:
-        result = asyncio.run(run_job(job, options))
+        if live is not None:
+            with live:
+                result = asyncio.run(run_job(job, options))
+        else:
+            result = asyncio.run(run_job(job, options))
     except BatchGPTError as exc:
         _fail(exc)
     if dry_run:

@@ -103,9 +103,8 @@ class FakeClock:
 
     @property
     def sleepers(self) -> int:
-        """How many tasks are asleep on this clock right now."""
-        self._drop_cancelled()
-        return len(self._sleepers)
+        """How many tasks are asleep on this clock right now (cancelled ones excluded)."""
+        return sum(1 for _, _, fut in self._sleepers if not fut.done())
 
     @property
     def next_deadline(self) -> float | None:

@@ -84,7 +84,7 @@ def price_usage(
             unknown.append(model or "(unnamed)")
         else:
             total += c
-    return (None if unknown else round(total, 6)), unknown
+    return (None if unknown else total), unknown
 
 
 def build_summary(

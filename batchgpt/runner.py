@@ -389,7 +389,10 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     running at all; everything else ends in a RunResult with an exit code."""
     options = options or RunOptions()
     store = Store(job)
-    store.open(lock=not options.dry_run)
+    if options.dry_run:
+        store.open_readonly()
+    else:
+        store.open()
     try:
         if options.fresh:
             store.reset()

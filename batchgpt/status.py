@@ -3,7 +3,6 @@ lock taken, safe while a run is going."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from batchgpt.config import JobConfig
@@ -35,13 +34,12 @@ def job_status(job: JobConfig) -> dict[str, Any]:
                     failed_by_code={}, usage=None, cost_usd=None, last_run=None)
         return info
     store = Store(job)
-    store._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    store.open_readonly()
     try:
         totals = store.totals()
         last = store.last_run()
     finally:
-        store._db.close()
-        store._db = None
+        store.close()
     cost, unknown = price_usage(totals.usage_by_model, job.pricing)
     pending = None if rows is None else max(0, rows - totals.succeeded - totals.failed)
     info.update(

@@ -195,6 +195,20 @@ class Store:
         self.replaced = 0
 
     # -- opening ------------------------------------------------------------------------
+    def open_readonly(self) -> None:
+        """For status and dry runs: no lock, no repair, no writes — safe beside a run.
+        A job that never ran reads as an empty checkpoint."""
+        if self.db_path.exists():
+            try:
+                self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True,
+                                           check_same_thread=False)
+                self._db.execute("SELECT COUNT(*) FROM meta").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"{self.db_path}: checkpoint unreadable: {exc}") from None
+        else:
+            self._db = sqlite3.connect(":memory:", check_same_thread=False)
+            self._db.executescript(_SCHEMA)
+
     def open(self, *, lock: bool = True) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)

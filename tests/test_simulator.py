@@ -159,7 +159,10 @@ async def test_rpm_enforced(make_sim: MakeSim) -> None:
     assert 0 < int(e.response.headers["retry-after-ms"]) <= 1000
     assert e.response.headers["retry-after"] == "1"
     assert e.response.headers["x-ratelimit-remaining-requests"] == "0"
-    assert sim.stats.by_status == {200: 1, 429: 1}
+    sim.config.rpm = 6000  # a new limit starts a new, full bucket
+    async with client(sim) as c:
+        await c.chat.completions.create(model=MODEL, messages=msgs("Three."))
+    assert sim.stats.by_status == {200: 2, 429: 1}
 
 
 async def test_tpm_enforced_and_too_large(make_sim: MakeSim) -> None:
@@ -317,7 +320,7 @@ async def test_validation_and_other_endpoints(make_sim: MakeSim) -> None:
 
 
 async def test_concurrency_stats(make_sim: MakeSim) -> None:
-    sim = await make_sim(latency_s=0.3, record=False)
+    sim = await make_sim(latency_s=0.5, record=False)
     async with client(sim) as c:
         await asyncio.gather(*(c.chat.completions.create(model=MODEL, messages=msgs(f"{i}"))
                                for i in range(10)))
@@ -371,19 +374,20 @@ def test_simulator_thread_from_sync_code() -> None:
 
 def test_module_entry_point_serves_until_sigterm() -> None:
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "batchgpt.simulator", "--port", "0",
-                             "--rpm", "600", "--no-record"],
-                            cwd=repo, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("batchgpt sandbox listening on http://127.0.0.1:")
-        url = line.rsplit(" ", 1)[1]
-        with openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0) as c:
-            raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs("Hi."))
-        assert raw.headers["x-ratelimit-limit-requests"] == "600"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen([sys.executable, "-m", "batchgpt.simulator", "--port", "0",
+                           "--rpm", "600", "--no-record"],
+                          cwd=repo, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            assert line.startswith("batchgpt sandbox listening on http://127.0.0.1:")
+            url = line.rsplit(" ", 1)[1]
+            with openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0) as c:
+                raw = c.chat.completions.with_raw_response.create(model=MODEL,
+                                                                  messages=msgs("Hi."))
+            assert raw.headers["x-ratelimit-limit-requests"] == "600"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()

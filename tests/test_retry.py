@@ -1,0 +1,332 @@
+"""The retry decision, row by row of OpenAI's error table.
+
+``decide(failure, attempt, policy, rand)`` is pure: every case here builds a ``Failure`` the
+way ``batchgpt.client`` would from a real response and checks what the runner is told to
+do — retry (and after how long), fail the row alone, or stop the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from batchgpt.config import RetryPolicy
+from batchgpt.retry import MAX_HINT_S, Action, Decision, Failure, Kind, backoff, decide
+
+POLICY = RetryPolicy(max_attempts=6, initial_delay_s=1.0, max_delay_s=60.0, multiplier=2.0,
+                     jitter=0.25)
+
+TOO_LARGE_429 = (
+    "Request too large for gpt-4o-mini in organization org-abc on tokens per min (TPM): "
+    "Limit 30000, Requested 31538. The input or output tokens must be reduced in order to run "
+    "successfully. Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+RATE_LIMIT_429 = (
+    "Rate limit reached for gpt-4o-mini in organization org-abc on requests per min (RPM): "
+    "Limit 500, Used 500, Requested 1. Please try again in 120ms. Visit "
+    "https://platform.openai.com/account/rate-limits to learn more."
+)
+QUOTA_MESSAGE = ("You exceeded your current quota, please check your plan and billing "
+                 "details.")
+QUOTA_SIBLINGS = (
+    "insufficient_quota",
+    "credit_balance_exhausted",
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    "organization_usage_limit_exceeded",
+)
+
+
+def http(status: int, message: str = "error", code: str | None = None,
+         type_: str | None = None, headers: Mapping[str, str] | None = None) -> Failure:
+    return Failure(Kind.HTTP, message, status=status, code=code, type=type_,
+                   headers=dict(headers or {}))
+
+
+def timeout() -> Failure:
+    return Failure(Kind.TIMEOUT, "no answer within 60s")
+
+
+def connection_reset() -> Failure:
+    return Failure(Kind.CONNECTION, "connection failed: ServerDisconnectedError: Server "
+                   "disconnected")
+
+
+def garbage_body() -> Failure:
+    return Failure(Kind.DECODE, "HTTP 200 with a body that is not a chat.completion: "
+                   "'<html><body><h1>502 Bad Gateway</h1>'", status=200)
+
+
+def too_large_locally() -> Failure:
+    return Failure(Kind.TOO_LARGE, "request needs about 40000 tokens, more than the whole "
+                   "tokens-per-minute limit of 30000; it can never be sent at this limit")
+
+
+# -- the table ---------------------------------------------------------------------------
+
+RETRYABLE = {
+    "408 request timeout": http(408, "Request timed out."),
+    "409 conflict": http(409, "The engine is currently busy."),
+    "429 rate_limit_exceeded": http(429, RATE_LIMIT_429, "rate_limit_exceeded", "requests"),
+    "429 rate limit on tokens": http(429, RATE_LIMIT_429.replace("requests per min (RPM)",
+                                                                 "tokens per min (TPM)"),
+                                     "rate_limit_exceeded", "tokens"),
+    "500 server_error": http(500, "The server had an error while processing your request.",
+                             "server_error", "server_error"),
+    "502 bad gateway": http(502, "<html>502 Bad Gateway</html>"),
+    "503 overloaded": http(503, "Slow Down", "engine_overloaded", "server_error"),
+    "504 gateway timeout": http(504, "Gateway Timeout"),
+    "timeout": timeout(),
+    "connection reset": connection_reset(),
+    "unparseable 200 body": garbage_body(),
+}
+
+ROW_FAILS = {
+    "400 invalid request": http(400, "This model's maximum context length is 128000 tokens.",
+                                "context_length_exceeded", "invalid_request_error"),
+    "400 without code": http(400, "Invalid 'messages'."),
+    "422 unprocessable": http(422, "Unprocessable Entity"),
+    "404 on a row-level problem": http(404, "No such file: file-abc", None,
+                                       "invalid_request_error"),
+    "429 request too large for the TPM limit": http(429, TOO_LARGE_429, "rate_limit_exceeded",
+                                                    "tokens"),
+    "too large for the limiter": too_large_locally(),
+}
+
+RUN_STOPS = {
+    "401 invalid_api_key": http(401, "Incorrect API key provided: sk-ab***wxyz.",
+                                "invalid_api_key", "invalid_request_error"),
+    "401 without code": http(401, "Unauthorized"),
+    "403 permission": http(403, "You are not allowed to sample from this model.",
+                           None, "invalid_request_error"),
+    "403 region": http(403, "Country, region, or territory not supported",
+                       "unsupported_country_region_territory", "request_forbidden"),
+    **{f"429 {name} as code": http(429, QUOTA_MESSAGE, name, "insufficient_quota")
+       for name in QUOTA_SIBLINGS},
+    **{f"429 {name} as type, code None": http(429, QUOTA_MESSAGE, None, name)
+       for name in QUOTA_SIBLINGS},
+    "404 model_not_found": http(404, "The model `gpt-9` does not exist or you do not have "
+                                "access to it.", "model_not_found", "invalid_request_error"),
+}
+
+
+@pytest.mark.parametrize("failure", RETRYABLE.values(), ids=RETRYABLE.keys())
+def test_transient_errors_are_retried_with_a_delay(failure: Failure) -> None:
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s > 0
+    assert not decision.transient
+
+
+@pytest.mark.parametrize("failure", ROW_FAILS.values(), ids=ROW_FAILS.keys())
+def test_row_level_errors_fail_the_row_alone_at_once(failure: Failure) -> None:
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW
+    assert not decision.transient  # permanent: the next run leaves it alone
+    assert decision.pause_s is None and not decision.slow_down
+
+
+@pytest.mark.parametrize("failure", RUN_STOPS.values(), ids=RUN_STOPS.keys())
+def test_account_level_errors_stop_the_run(failure: Failure) -> None:
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.STOP_RUN
+    assert decision.delay_s == 0.0
+
+
+@pytest.mark.parametrize("name", QUOTA_SIBLINGS)
+def test_quota_errors_stop_the_run_however_the_server_labels_them(name: str) -> None:
+    as_code = decide(http(429, QUOTA_MESSAGE, name, "insufficient_quota"), 1, POLICY, 0.0)
+    as_type = decide(http(429, QUOTA_MESSAGE, None, name), 1, POLICY, 0.0)
+    assert as_code.action is as_type.action is Action.STOP_RUN
+    assert as_code.reason == as_type.reason == "quota"
+    # Not a rate limit: no pause, no slow-down, and not counted as a 429 to pace by.
+    assert not http(429, QUOTA_MESSAGE, None, name).is_rate_limit
+    assert http(429, QUOTA_MESSAGE, None, name).error_code == name
+
+
+def test_quota_error_is_never_retried_even_on_the_first_attempt_with_a_retry_after() -> None:
+    failure = http(429, QUOTA_MESSAGE, "insufficient_quota", "insufficient_quota",
+                   {"retry-after": "1"})
+    for attempt in (1, 2, POLICY.max_attempts):
+        assert decide(failure, attempt, POLICY, 0.0).action is Action.STOP_RUN
+
+
+def test_stop_reasons_name_the_cause() -> None:
+    assert decide(http(401, code="invalid_api_key"), 1, POLICY, 0.0).reason == "authentication"
+    assert decide(http(403), 1, POLICY, 0.0).reason == "permission"
+    assert decide(http(404, code="model_not_found"), 1, POLICY, 0.0).reason == "model not found"
+
+
+# -- running out of attempts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", RETRYABLE.values(), ids=RETRYABLE.keys())
+def test_last_attempt_on_a_retryable_error_fails_the_row_as_transient(failure: Failure) -> None:
+    policy = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
+    assert decide(failure, 2, policy, 0.0).action is Action.RETRY
+    last = decide(failure, 3, policy, 0.0)
+    assert last.action is Action.FAIL_ROW
+    assert last.transient  # the next run tries it again without --retry-failed
+    assert "3 attempts" in last.reason
+
+
+def test_a_single_attempt_policy_never_retries() -> None:
+    decision = decide(timeout(), 1, RetryPolicy(max_attempts=1), 0.0)
+    assert decision.action is Action.FAIL_ROW and decision.transient
+
+
+def test_permanent_errors_stay_permanent_on_the_last_attempt() -> None:
+    """A 400 on the last attempt (after earlier 5xx) is still the row's own fault."""
+    decision = decide(ROW_FAILS["400 invalid request"], POLICY.max_attempts, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW and not decision.transient
+
+
+def test_a_hint_longer_than_a_run_should_wait_leaves_the_row_for_the_next_run() -> None:
+    failure = http(429, "slow down", "rate_limit_exceeded",
+                   headers={"retry-after": str(int(MAX_HINT_S) + 1)})
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW and decision.transient
+
+
+# -- backoff ----------------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_from_the_initial_delay() -> None:
+    policy = RetryPolicy(max_attempts=20, initial_delay_s=0.5, max_delay_s=1000.0,
+                         multiplier=3.0, jitter=0.0)
+    delays = [decide(timeout(), attempt, policy, 0.0).delay_s for attempt in range(1, 7)]
+    assert delays == pytest.approx([0.5, 1.5, 4.5, 13.5, 40.5, 121.5])
+
+
+def test_backoff_is_capped_at_max_delay() -> None:
+    policy = RetryPolicy(max_attempts=50, initial_delay_s=1.0, max_delay_s=60.0, jitter=0.0)
+    delays = [decide(timeout(), attempt, policy, 0.0).delay_s for attempt in range(1, 30)]
+    assert max(delays) == 60.0
+    assert delays[-1] == 60.0  # 2**28 s does not overflow the cap
+    assert delays == sorted(delays)  # never shrinks as attempts go on
+
+
+@pytest.mark.parametrize("rand", [0.0, 0.1, 0.5, 0.9, 0.999999, 1.0])
+@pytest.mark.parametrize("attempt", [1, 3, 10])
+def test_jitter_only_shortens_the_delay(rand: float, attempt: int) -> None:
+    full = backoff(attempt, POLICY.model_copy(update={"jitter": 0.0}), 0.0)
+    delay = decide(timeout(), attempt, POLICY, rand).delay_s
+    assert (1 - POLICY.jitter) * full - 1e-12 <= delay <= full
+    assert delay <= POLICY.max_delay_s
+
+
+def test_jitter_without_a_given_rand_stays_within_bounds() -> None:
+    full = backoff(4, POLICY.model_copy(update={"jitter": 0.0}), 0.0)
+    delays = {decide(timeout(), 4, POLICY).delay_s for _ in range(200)}
+    assert all(0.75 * full <= d <= full for d in delays)
+    assert len(delays) > 1  # actually jittered: retries do not move in lock-step
+
+
+# -- server hints ------------------------------------------------------------------------------
+
+
+def test_retry_after_ms_wins_and_pauses_all_dispatch_on_a_429() -> None:
+    failure = http(429, RATE_LIMIT_429, "rate_limit_exceeded", "requests",
+                   {"retry-after-ms": "1500", "retry-after": "2"})
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision == Decision(Action.RETRY, delay_s=1.5, pause_s=1.5, slow_down=True,
+                                reason=decision.reason)
+
+
+def test_retry_after_seconds_header_is_the_delay() -> None:
+    decision = decide(http(429, "Rate limited", "rate_limit_exceeded",
+                           headers={"retry-after": "3"}), 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == 3.0 and decision.pause_s == 3.0
+
+
+def test_header_names_match_whatever_their_case() -> None:
+    decision = decide(http(429, "Rate limited", "rate_limit_exceeded",
+                           headers={"Retry-After-Ms": "250"}), 1, POLICY, 0.0)
+    assert decision.delay_s == 0.25 and decision.pause_s == 0.25
+
+
+@pytest.mark.parametrize(("message", "seconds"), [
+    ("Rate limit reached for gpt-4o-mini on tokens per min (TPM): Limit 30000, Used 29000, "
+     "Requested 2000. Please try again in 9.816s. Visit https://platform.openai.com", 9.816),
+    ("Please try again in 120ms.", 0.12),
+    ("Please try again in 1m30s.", 90.0),
+    ("Please try again in 20 seconds.", 20.0),
+])
+def test_try_again_in_the_message_is_the_delay(message: str, seconds: float) -> None:
+    decision = decide(http(429, message, "rate_limit_exceeded", "tokens"), 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == pytest.approx(seconds)
+    assert decision.pause_s == pytest.approx(seconds)
+
+
+def test_a_hint_wins_over_backoff_even_late_in_the_attempts() -> None:
+    failure = http(429, "Please try again in 2s.", "rate_limit_exceeded")
+    assert decide(failure, 5, POLICY, 0.0).delay_s == 2.0  # backoff would say 16 s
+
+
+def test_retry_after_on_a_5xx_sets_the_delay_but_pauses_nobody() -> None:
+    decision = decide(http(500, "oops", "server_error", headers={"retry-after": "3"}), 1,
+                      POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == 3.0
+    assert decision.pause_s is None
+    assert not decision.slow_down
+
+
+def test_without_a_hint_a_429_does_not_pause_dispatch() -> None:
+    decision = decide(http(429, "Rate limited", "rate_limit_exceeded"), 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == POLICY.initial_delay_s
+    assert decision.pause_s is None
+    assert decision.slow_down
+
+
+@pytest.mark.parametrize(("failure", "slow"), [
+    (http(503, "Slow Down", "engine_overloaded", "server_error"), True),
+    (http(429, "Rate limited", "rate_limit_exceeded"), True),
+    (http(500, "oops", "server_error"), False),
+    (http(502, "bad gateway"), False),
+    (timeout(), False),
+    (connection_reset(), False),
+    (garbage_body(), False),
+], ids=["503", "429", "500", "502", "timeout", "connection", "decode"])
+def test_only_overload_and_rate_limits_ask_the_limiter_to_slow_down(failure: Failure,
+                                                                     slow: bool) -> None:
+    assert decide(failure, 1, POLICY, 0.0).slow_down is slow
+
+
+def test_a_503_on_the_last_attempt_still_asks_to_slow_down() -> None:
+    decision = decide(http(503, "Slow Down", "engine_overloaded"), POLICY.max_attempts, POLICY,
+                      0.0)
+    assert decision.action is Action.FAIL_ROW and decision.transient and decision.slow_down
+
+
+# -- error_code --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("failure", "code"), [
+    (http(500), "http_500"),
+    (http(502, "<html>"), "http_502"),
+    (http(400, code="context_length_exceeded"), "context_length_exceeded"),
+    (http(429, code="rate_limit_exceeded", type_="tokens"), "rate_limit_exceeded"),
+    (http(429, QUOTA_MESSAGE, None, "insufficient_quota"), "insufficient_quota"),
+    (http(401, type_="invalid_request_error"), "http_401"),
+    (http(500, code=""), "http_500"),
+    (timeout(), "timeout"),
+    (connection_reset(), "connection_error"),
+    (garbage_body(), "invalid_response"),
+    (too_large_locally(), "request_too_large"),
+], ids=["500", "502", "code wins", "429 code", "quota type", "non-quota type ignored",
+        "empty code", "timeout", "connection", "decode", "too large"])
+def test_error_code_is_stable_for_the_failures_file(failure: Failure, code: str) -> None:
+    assert failure.error_code == code
+
+
+def test_a_429_is_a_rate_limit_only_when_it_is_not_about_quota() -> None:
+    assert http(429, code="rate_limit_exceeded").is_rate_limit
+    assert http(429).is_rate_limit
+    assert not http(429, QUOTA_MESSAGE, "insufficient_quota").is_rate_limit
+    assert not http(503).is_rate_limit
+    assert not timeout().is_rate_limit
