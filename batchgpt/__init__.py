@@ -7,13 +7,43 @@ Library use::
 
     result = run_job_sync("jobs/summarize.yaml", RunOptions(sandbox=True))
     print(result.outcome, result.summary["usage"])
+
+Names are imported lazily, so ``python -m batchgpt.simulator`` doesn't pay for loading
+the openai SDK it never uses.
 """
 
-from batchgpt.config import JobConfig
-from batchgpt.errors import BatchGPTError, ConfigError, InputError, LockedError, StateError
-from batchgpt.runner import RunOptions, RunResult, run_job, run_job_sync
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "JobConfig": "batchgpt.config",
+    "BatchGPTError": "batchgpt.errors",
+    "ConfigError": "batchgpt.errors",
+    "InputError": "batchgpt.errors",
+    "LockedError": "batchgpt.errors",
+    "StateError": "batchgpt.errors",
+    "RunOptions": "batchgpt.runner",
+    "RunResult": "batchgpt.runner",
+    "run_job": "batchgpt.runner",
+    "run_job_sync": "batchgpt.runner",
+}
+
+if TYPE_CHECKING:
+    from batchgpt.config import JobConfig
+    from batchgpt.errors import BatchGPTError, ConfigError, InputError, LockedError, StateError
+    from batchgpt.runner import RunOptions, RunResult, run_job, run_job_sync
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchgpt' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "BatchGPTError",

@@ -169,8 +169,8 @@ class RateLimiter:
 
     **Back-pressure.** :meth:`pause` (from ``retry-after``) stops all dispatch until
     ``now + seconds`` and freezes refill meanwhile, so the queue resumes at the pace it
-    had instead of with a burst (the server's budget is what it was when it said "wait")
-    and every waiter is delayed by exactly the pause. :meth:`slow_down` (a 429 despite
+    had instead of with a burst (a server that says "wait" has no budget to spare for
+    one) and every waiter is delayed by exactly the pause. :meth:`slow_down` (a 429 despite
     pacing, a 503 "slow down") multiplies the effective rate of both dimensions by
     0.7, down to 10 % of the limit; several calls within one second count once, since
     one overload typically fails every request in flight. :meth:`record_success` lets
@@ -488,8 +488,8 @@ class RateLimiter:
         if limit is None:
             return None
         per_minute = limit * self._factor
-        if bucket is None:
-            return _Bucket(per_minute, self._burst_s, now)
+        if bucket is None:  # a new bucket starts empty, and refills only after a pause
+            return _Bucket(per_minute, self._burst_s, max(now, self._paused_until))
         bucket.set_rate(per_minute, self._burst_s, now)
         return bucket
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
+import aiofiles.os
+
 from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
 from batchgpt.store import Totals
 
@@ -153,15 +156,18 @@ def build_summary(
     }
 
 
-def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
-    """Atomically: a reader (a monitoring script) never sees half a file."""
+_fsync = aiofiles.os.wrap(os.fsync)
+
+
+async def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    """Atomically (a monitoring script never reads half a file) and off the event loop
+    (a slow disk must not stall requests still finishing during a graceful stop)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+        await fh.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        await fh.flush()
+        await _fsync(fh.fileno())
+    await aiofiles.os.replace(tmp, path)
 
 
 def _n(value: Any) -> str:

@@ -12,6 +12,7 @@ the status only) and hides attempts from the limiter, so batchgpt builds its cli
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class Failure:
     @property
     def error_code(self) -> str:
         """A stable code for the failures file and the error counts."""
+        if (self.kind is Kind.HTTP and self.status == 429
+                and "request too large" in self.message.lower()):
+            # OpenAI sends code rate_limit_exceeded, but it is permanent: name it as the
+            # limiter does when it catches the same request before sending it.
+            return "request_too_large"
         if self.code:
             return self.code
         if self.kind is Kind.HTTP:
@@ -99,7 +105,10 @@ class Decision:
 def backoff(attempt: int, policy: RetryPolicy, rand: float) -> float:
     """Exponential delay before attempt ``attempt + 1``, capped, with jitter taken off
     (full-size delays in lock-step would hit the server together)."""
-    base = policy.initial_delay_s * policy.multiplier ** max(0, attempt - 1)
+    try:
+        base = policy.initial_delay_s * policy.multiplier ** max(0, attempt - 1)
+    except OverflowError:  # a float power past ~1.8e308 raises instead of giving inf
+        base = math.inf
     return min(policy.max_delay_s, base) * (1.0 - policy.jitter * rand)
 
 
@@ -118,6 +127,10 @@ def decide(
             return Decision(Action.STOP_RUN, reason="quota")
         if status == 404 and code == "model_not_found":
             return Decision(Action.STOP_RUN, reason="model not found")
+        if status == 404 and (code == "unknown_url"
+                              or failure.message.lstrip().startswith("Invalid URL")):
+            # The endpoint, not the row: a wrong api.base_url would fail every row for good.
+            return Decision(Action.STOP_RUN, reason="invalid URL")
         if status == 429 and "request too large" in failure.message.lower():
             return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
         if 400 <= status < 500 and status not in (408, 409, 429):
@@ -126,17 +139,17 @@ def decide(
     # dropped connections, bodies that are not JSON (a gateway's HTML page).
     hint = parse_retry_after(failure.headers, failure.message)
     slow = status == 503 or failure.is_rate_limit
+    # The server's hint is about the account, not this row: it pauses everyone even when
+    # this row gives up.
+    pause = hint if failure.is_rate_limit and hint is not None and hint <= MAX_HINT_S else None
     if attempt >= policy.max_attempts:
-        return Decision(Action.FAIL_ROW, transient=True, slow_down=slow,
+        return Decision(Action.FAIL_ROW, transient=True, pause_s=pause, slow_down=slow,
                         reason=f"gave up after {attempt} attempts")
     if hint is not None and hint > MAX_HINT_S:
         return Decision(Action.FAIL_ROW, transient=True,
                         reason=f"server asks to wait {hint:.0f}s; left for the next run")
     delay = backoff(attempt, policy, random.random() if rand is None else rand)
-    pause = None
     if hint is not None:
         delay = hint
-        if failure.is_rate_limit:
-            pause = hint
     return Decision(Action.RETRY, delay_s=delay, pause_s=pause, slow_down=slow,
                     reason="retryable")

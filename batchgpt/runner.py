@@ -463,6 +463,8 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             housekeeping = asyncio.create_task(run.housekeeping(plan.to_send, t0))
             dispatch = asyncio.create_task(run.dispatch())
             await _wait_with_grace(run, dispatch, options.grace_s)
+            if options.progress is not None:
+                options.progress(run.figures(plan.to_send, t0))  # the final frame
         else:
             log.info("nothing to send: every row is already accounted for")
     finally:
@@ -500,7 +502,7 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                        "changed": plan.changed, "changed_kept": plan.changed_kept,
                        "already_done": plan.done, "failed_kept": plan.failed_kept,
                        "deferred": plan.deferred}
-    write_summary(job.summary_path, summary)
+    await write_summary(job.summary_path, summary)
     store.finish_run(outcome, summary)
     if outcome == "completed" and not plan.to_send:
         outcome_line = f"nothing to do: all {totals.succeeded} rows already succeeded"

@@ -39,7 +39,7 @@ LABELS = ("positive", "negative", "neutral", "mixed")
 ORG = "org-sandbox"
 MAX_SENTENCE_CHARS = 500  # keeps echo replies small even for a huge unpunctuated prompt
 GARBAGE_BODY = b"<html><body><h1>502 Bad Gateway</h1><p>sandbox gateway</p></body></html>"
-_SENTENCE = re.compile(r"(.+?[.!?])(?=\s|$)", re.S)
+_SENTENCE = re.compile(r"(.+?(?:[.!?](?=\s|$)|[。！？]))", re.S)
 _ids = random.Random()  # ids only; never seeded, they are allowed to differ between runs
 
 
@@ -206,7 +206,11 @@ def _validate(body: Any) -> web.Response | None:
 
 
 def _first_sentence(text: str) -> str:
-    line = text.strip().split("\n", 1)[0].strip()
+    """The first sentence of the last paragraph: for the usual "Instruction:\n\n<text>"
+    prompt that is the text's lede, which reads like a plausible summary."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    last = paragraphs[-1] if paragraphs else ""
+    line = last.strip().split("\n", 1)[0].strip()
     match = _SENTENCE.match(line)
     sentence = match.group(1) if match else line
     return sentence[:MAX_SENTENCE_CHARS]

@@ -35,6 +35,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -220,9 +221,34 @@ class Store:
         try:
             self._db = self._connect(self.db_path)
             self._recover()
+            self._check_writable()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise StateError(f"{self.db_path}: checkpoint unreadable: {exc}") from None
+        except BaseException:
+            self.close()  # release the lock and the database on any other failure too
+            raise
+
+    def _check_writable(self) -> None:
+        """Fail before anything is sent when results could not be written: a paid answer
+        that can't be stored is lost. Without this, an unwritable output was only noticed
+        at the first result (after paying for it), and the runner kept sending; an
+        unwritable folder crashed with a traceback when the failures file was written.
+        Opens an existing output for appending (and closes it: nothing is created or
+        changed), and creates and removes a file in its folder, where the output, the
+        failures and summary files are created or swapped in."""
+        try:
+            if self.output.exists():
+                os.close(os.open(self.output, os.O_WRONLY | os.O_APPEND))
+            fd, probe = tempfile.mkstemp(prefix=f".{self.output.name}.", suffix=".probe",
+                                         dir=self.output.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StateError(
+                f"cannot write {exc.filename or self.output}: {exc.strerror}; nothing was "
+                "sent, and results written so far are safe"
+            ) from None
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -265,10 +291,16 @@ class Store:
                 "(which sends every row again)."
             )
         if actual > committed:
-            with self.output.open("r+b") as fh:  # torn or uncommitted tail: not done
-                fh.truncate(committed)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with self.output.open("r+b") as fh:  # torn or uncommitted tail: not done
+                    fh.truncate(committed)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:  # e.g. a read-only output: an error, not a traceback
+                raise StateError(
+                    f"cannot repair {self.output} (cut its {actual - committed} uncommitted "
+                    f"bytes): {exc.strerror}; nothing was sent"
+                ) from None
         self._out_size = committed
         if int(self._meta("dead_lines", "0") or 0):
             self._compact()

@@ -79,7 +79,7 @@ class CountingClock(SystemClock):
 
 
 def throttle(rate: int, period: float) -> Acquire:
-    limiter = Throttler(rate_limit=rate, period=period)  # type: ignore[no-untyped-call]
+    limiter = Throttler(rate_limit=rate, period=period)
 
     async def acquire(weight: int) -> None:
         await limiter.acquire()  # type: ignore[no-untyped-call]  # no weights

@@ -1,6 +1,6 @@
 """How much of an RPM / TPM limit batchgpt keeps busy, and how many 429s it draws.
 
-Run: ``python benchmarks/utilisation.py [--seconds 45] [--latency 0.05]`` (about 4 minutes
+Run: ``python benchmarks/utilisation.py [--seconds 50] [--latency 0.05]`` (about 4 minutes
 with the defaults; loopback only, no key). Results and conclusions: docs/performance.md,
 "Pacing and client overhead (issue 3)".
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -123,10 +124,8 @@ class Sampler:
                 self.samples.append(await self.one(session))
                 if stop.is_set():
                     return
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-                except asyncio.TimeoutError:
-                    pass
 
 
 def steady_slope(samples: list[Sample], t0: float, t1: float, what: str) -> tuple[float, float]:
@@ -147,6 +146,7 @@ class Case:
     sim_tpm: int | None = None
     job_limits: dict[str, int] = field(default_factory=dict)
     measure: str = "rpm"  # which limit the % is of
+    share: float = 1.0  # of --seconds: the learned cases are about their start-up
 
 
 def make_rows(case: Case, seconds: float, rng: random.Random) -> tuple[list[dict[str, Any]],
@@ -293,7 +293,10 @@ CASES = [
     Case("rpm 6,000 (job rpm 6,000)", sim_rpm=6000, job_limits={"rpm": 6000}),
     Case("tpm 600,000 (job tpm 600,000)", sim_tpm=600_000, job_limits={"tpm": 600_000},
          measure="tpm"),
-    Case("rpm 6,000 (job: no limits, learned)", sim_rpm=6000, job_limits={}),
+    Case("rpm 6,000 (job: no limits, learned)", sim_rpm=6000, job_limits={}, share=0.5),
+    Case("rpm 1,200 (job: no limits, learned)", sim_rpm=1200, job_limits={}, share=0.5),
+    Case("tpm 600,000 (job: no limits, learned)", sim_tpm=600_000, job_limits={},
+         measure="tpm", share=0.5),
 ]
 
 
@@ -303,15 +306,16 @@ async def main_async(args: argparse.Namespace) -> None:
     results = []
     for case in chosen:
         print(f"running: {case.name} ...", file=sys.stderr, flush=True)
-        results.append(await run_case(case, args.seconds, args.latency))
+        results.append(await run_case(case, args.seconds * case.share, args.latency))
     print(f"\n== utilisation: simulator window 1 s, latency {args.latency * 1000:.0f} ms, "
-          f"~{args.seconds:g} s of rows per case ==")
+          f"rows for ~{args.seconds:g} s per case (learned cases: half) ==")
     print_table(results)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=45.0, help="rows for this long per case")
+    p.add_argument("--seconds", type=float, default=50.0,
+                   help="rows for this long per case (learned cases: half)")
     p.add_argument("--latency", type=float, default=0.05, help="simulator latency, seconds")
     p.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     asyncio.run(main_async(p.parse_args()))

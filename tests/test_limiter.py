@@ -8,6 +8,7 @@ per second, bucket of 100.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -370,6 +371,20 @@ async def test_limits_are_learned_from_headers_when_unknown(
         await h.limiter.acquire(6001)
 
 
+async def test_limits_learned_during_a_pause_start_empty_when_it_ends(
+    make: Callable[..., Harness], clock: FakeClock
+) -> None:
+    h = make(None, None)
+    h.limiter.pause(5.0)
+    await h.start_many(3)
+    await clock.advance(1.0)
+    h.limiter.observe({"x-ratelimit-limit-requests": "600"})
+    await clock.advance(4.0)
+    assert h.admitted == []
+    await clock.advance(0.3)
+    assert [t for _, t in h.admitted] == approx([5.1, 5.2, 5.3])
+
+
 async def test_server_limit_lowers_a_higher_configured_limit(
     make: Callable[..., Harness],
 ) -> None:
@@ -602,6 +617,35 @@ async def test_last_waiter_cancelled_disarms_the_timer(
     task.cancel()
     await clock.run_until_idle()
     assert clock.sleepers == 0 and h.limiter.waiting == 0
+
+
+async def test_random_traffic_stays_fcfs_and_under_both_limits(
+    make: Callable[..., Harness], clock: FakeClock
+) -> None:
+    rng = random.Random(20240601)
+    h = make(600, 6000)  # 10 requests/s, 100 tokens/s, 1 s bursts
+    costs: dict[str, int] = {}
+    cancelled: set[str] = set()
+    for i in range(300):
+        name = f"w{i}"
+        costs[name] = rng.choice([0, 1, 5, 20, 60, 150, 400])
+        h.start(name, costs[name])
+        if rng.random() < 0.1:
+            await clock.run_until_idle()
+            victim = f"w{rng.randrange(i + 1)}"
+            if not h.tasks[victim].done():
+                h.tasks[victim].cancel()
+                cancelled.add(victim)
+        await clock.advance(rng.choice([0.0, 0.01, 0.1, 0.5]))
+    await clock.advance(600.0)
+    assert h.order == [n for n in costs if n not in cancelled]  # arrival order
+    times = [t for _, t in h.admitted]
+    for i, start in enumerate(times):
+        for width in (0.5, 1.0, 10.0):
+            inside = [n for n, t in h.admitted[i:] if t < start + width - 1e-9]
+            assert len(inside) <= 10 * (width + 1) + 1e-9
+            # one burst + refill, plus the debt of at most one oversized request
+            assert sum(costs[n] for n in inside) <= 100 * (width + 1) + 400
 
 
 # -- construction ---------------------------------------------------------------------

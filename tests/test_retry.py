@@ -108,6 +108,11 @@ RUN_STOPS = {
        for name in QUOTA_SIBLINGS},
     "404 model_not_found": http(404, "The model `gpt-9` does not exist or you do not have "
                                 "access to it.", "model_not_found", "invalid_request_error"),
+    # A wrong api.base_url: OpenAI answers code null, the simulator code unknown_url.
+    "404 invalid URL": http(404, "Invalid URL (POST /v2/chat/completions)", None,
+                            "invalid_request_error"),
+    "404 unknown_url": http(404, "Invalid URL (POST /v2/chat/completions)", "unknown_url",
+                            "invalid_request_error"),
 }
 
 
@@ -156,6 +161,7 @@ def test_stop_reasons_name_the_cause() -> None:
     assert decide(http(401, code="invalid_api_key"), 1, POLICY, 0.0).reason == "authentication"
     assert decide(http(403), 1, POLICY, 0.0).reason == "permission"
     assert decide(http(404, code="model_not_found"), 1, POLICY, 0.0).reason == "model not found"
+    assert decide(http(404, "Invalid URL (POST /x)"), 1, POLICY, 0.0).reason == "invalid URL"
 
 
 # -- running out of attempts ---------------------------------------------------------------
@@ -210,10 +216,12 @@ def test_backoff_is_capped_at_max_delay() -> None:
 @pytest.mark.parametrize("rand", [0.0, 0.1, 0.5, 0.9, 0.999999, 1.0])
 @pytest.mark.parametrize("attempt", [1, 3, 10])
 def test_jitter_only_shortens_the_delay(rand: float, attempt: int) -> None:
-    full = backoff(attempt, POLICY.model_copy(update={"jitter": 0.0}), 0.0)
-    delay = decide(timeout(), attempt, POLICY, rand).delay_s
-    assert (1 - POLICY.jitter) * full - 1e-12 <= delay <= full
-    assert delay <= POLICY.max_delay_s
+    policy = POLICY.model_copy(update={"max_attempts": 20})
+    full = backoff(attempt, policy.model_copy(update={"jitter": 0.0}), 0.0)
+    decision = decide(timeout(), attempt, policy, rand)
+    assert decision.action is Action.RETRY
+    assert (1 - policy.jitter) * full - 1e-12 <= decision.delay_s <= full
+    assert decision.delay_s <= policy.max_delay_s
 
 
 def test_jitter_without_a_given_rand_stays_within_bounds() -> None:
@@ -312,16 +320,26 @@ def test_a_503_on_the_last_attempt_still_asks_to_slow_down() -> None:
     (http(400, code="context_length_exceeded"), "context_length_exceeded"),
     (http(429, code="rate_limit_exceeded", type_="tokens"), "rate_limit_exceeded"),
     (http(429, QUOTA_MESSAGE, None, "insufficient_quota"), "insufficient_quota"),
+    (http(429, TOO_LARGE_429, "rate_limit_exceeded", "tokens"), "request_too_large"),
     (http(401, type_="invalid_request_error"), "http_401"),
     (http(500, code=""), "http_500"),
     (timeout(), "timeout"),
     (connection_reset(), "connection_error"),
     (garbage_body(), "invalid_response"),
     (too_large_locally(), "request_too_large"),
-], ids=["500", "502", "code wins", "429 code", "quota type", "non-quota type ignored",
+], ids=["500", "502", "code wins", "429 code", "quota type", "429 too large",
+        "non-quota type ignored",
         "empty code", "timeout", "connection", "decode", "too large"])
 def test_error_code_is_stable_for_the_failures_file(failure: Failure, code: str) -> None:
     assert failure.error_code == code
+
+
+def test_too_large_is_one_code_whether_the_server_or_the_limiter_caught_it() -> None:
+    """A permanent failure must not be filed as rate_limit_exceeded: that reads as "try
+    again later", and --retry-failed would only get the same answer."""
+    server = http(429, TOO_LARGE_429, "rate_limit_exceeded", "tokens")
+    assert server.error_code == too_large_locally().error_code == "request_too_large"
+    assert decide(server, 1, POLICY, 0.0).action is Action.FAIL_ROW
 
 
 def test_a_429_is_a_rate_limit_only_when_it_is_not_about_quota() -> None:
