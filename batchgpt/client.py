@@ -10,6 +10,7 @@ doesn't need.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -105,8 +106,12 @@ class ChatClient:
                 extra_body=extra or None,
                 timeout=self._timeout,
             )
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
             latency = time.perf_counter() - start
+            dropped = _connection_cause(exc)
+            if dropped is not None:  # the aiohttp transport reports drops as timeouts
+                return Attempt(None, Failure(Kind.CONNECTION, f"connection failed: {dropped}"),
+                               latency)
             return Attempt(None, Failure(Kind.TIMEOUT, f"no answer within {self._timeout:g}s"),
                            latency)
         except openai.APIConnectionError as exc:
@@ -117,6 +122,10 @@ class ChatClient:
         except openai.APIStatusError as exc:
             latency = time.perf_counter() - start
             return Attempt(None, _status_failure(exc), latency)
+        except openai.APIError as exc:  # e.g. a response the SDK could not read
+            latency = time.perf_counter() - start
+            return Attempt(None, Failure(Kind.DECODE, f"unreadable response: {exc}"[:500]),
+                           latency)
         latency = time.perf_counter() - start
         headers = raw.headers
         try:
@@ -145,8 +154,30 @@ def _http_client(max_connections: int) -> Any:
     )
 
 
+def _connection_cause(exc: BaseException) -> str | None:
+    """The aiohttp connection error behind an exception, unless it is a timeout."""
+    import aiohttp
+
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 10:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+            cause, asyncio.TimeoutError | aiohttp.ServerTimeoutError
+        ):
+            return f"{type(cause).__name__}: {cause}"[:300]
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return None
+
+
 def _status_failure(exc: openai.APIStatusError) -> Failure:
-    body = exc.body
+    body: object = exc.body
+    try:  # keep the body as the server sent it ({"error": {...}}), not the SDK's unwrapping
+        raw = exc.response.json()
+        if isinstance(raw, dict):
+            body = raw
+    except ValueError:
+        pass
     err = body.get("error", body) if isinstance(body, dict) else None
     code = type_ = None
     message = ""

@@ -146,6 +146,9 @@ def decide(
         return Decision(Action.FAIL_ROW, transient=True, pause_s=pause, slow_down=slow,
                         reason=f"gave up after {attempt} attempts")
     if hint is not None and hint > MAX_HINT_S:
+        if failure.is_rate_limit:  # a daily limit, say: every other row would hit it too
+            return Decision(Action.STOP_RUN,
+                            reason=f"rate limit: the server asks to wait {hint:.0f}s")
         return Decision(Action.FAIL_ROW, transient=True,
                         reason=f"server asks to wait {hint:.0f}s; left for the next run")
     delay = backoff(attempt, policy, random.random() if rand is None else rand)

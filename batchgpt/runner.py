@@ -234,6 +234,12 @@ class _Run:
             await self._attempts(row, me)
         except asyncio.CancelledError:
             pass  # the row stays pending: the next run sends it
+        except BatchGPTError as exc:  # the checkpoint can't be written: disk full, ...
+            self.request_stop("storage", str(exc), EXIT_ERROR)
+        except Exception as exc:  # a bug must not keep spending: stop, keep what is done
+            log.exception("internal error on row %s", row.custom_id)
+            self.request_stop("internal error", f"internal error: {type(exc).__name__}: {exc}",
+                              EXIT_ERROR)
         finally:
             self.waiting_tasks.discard(me)
             self.reserved -= reserved
@@ -379,6 +385,7 @@ def _stop_message(reason: str, failure: Failure) -> str:
         "authentication": "the API key was refused",
         "permission": "the key has no permission for this request",
         "model not found": "the model does not exist or the key has no access to it",
+        "invalid URL": "the endpoint does not exist: check api.base_url",
     }.get(reason, reason)
     return (f"{what} (HTTP {failure.status}, {failure.error_code}): {failure.message}. "
             "Nothing more is sent; rerun when it is fixed — finished rows are kept.")
@@ -481,8 +488,13 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             await sim.stop()
     store.finalize()
     totals = store.totals()
-    pending = plan.rows - totals.succeeded - totals.failed
-    pending = max(0, pending)
+    # Rows of this input not resolved: those this run didn't get to, and those --limit left.
+    unresolved = plan.to_send - run.stats.succeeded - run.stats.failed
+    pending = unresolved + plan.deferred
+    if run.stop_reason is None and unresolved:
+        # Every path that leaves a row unresolved should have said why; never call it done.
+        run.request_stop("incomplete", f"{unresolved} rows were not resolved; rerun to "
+                         "send them", EXIT_ERROR)
     if run.stop_reason is not None:
         outcome = "interrupted" if run.stop_reason == "signal" else "stopped"
         exit_code = run.stop_exit or EXIT_ERROR

@@ -50,9 +50,11 @@ from typing import Any
 import openai
 
 from batchgpt import JobConfig, RunOptions
+from batchgpt.client import ChatClient
 from batchgpt.runner import run_job
 
 KEY_ENV = "BATCHGPT_BENCH_KEY"
+CLIENTS = ["sdk", "client", "batchgpt", "sdk-post", "aiohttp"]
 
 
 # -- the simulator in its own process (same as benchmarks/utilisation.py) --------------
@@ -194,9 +196,14 @@ async def run_sdk(sim: SimProcess, n: int, concurrency: int, mode: str = "sdk") 
         connector=aiohttp.TCPConnector(limit=concurrency),
         headers={"Authorization": "Bearer sk-bench-not-a-real-key"})
     url = sim.base_url + "/chat/completions"
+    chat = ChatClient(base_url=sim.base_url, api_key="sk-bench-not-a-real-key", timeout_s=30,
+                      max_connections=concurrency)
 
     async def one(i: int) -> bool:
         body = body_for(i)
+        if mode == "client":
+            attempt = await chat.complete({"model": "gpt-4o-mini", **body})
+            return attempt.success is not None
         if mode == "sdk":
             raw = await client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=body["messages"],
@@ -224,10 +231,12 @@ async def run_sdk(sim: SimProcess, n: int, concurrency: int, mode: str = "sdk") 
             errors += not ok
 
     await client.models.list()  # connection set-up of the first request is not timed alone
+    await chat.complete({"model": "gpt-4o-mini", **body_for(0)})
     await wait_quiet()
     with Meter(sim) as m:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     await client.close()
+    await chat.aclose()
     await session.close()
     return Measure(mode, concurrency, n, m.wall, m.cpu, m.sim_cpu, m.others, ok=errors == 0,
                    note=f"{errors} errors" if errors else "")
@@ -393,7 +402,8 @@ def print_table(rows: list[Measure], repeat: int) -> None:
         s = by.get(("sdk", c))
         if s is None:
             continue
-        for other, what in (("batchgpt", "batchgpt (everything) vs"),
+        for other, what in (("client", "batchgpt.client.ChatClient.complete() alone vs"),
+                            ("batchgpt", "batchgpt (everything) vs"),
                             ("sdk-post", "client.post (no params transform) vs"),
                             ("aiohttp", "bare aiohttp (no SDK) vs")):
             o = by.get((other, c))
@@ -444,8 +454,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--clients", nargs="+", default=["sdk", "batchgpt", "sdk-post", "aiohttp"],
-                   choices=["sdk", "batchgpt", "sdk-post", "aiohttp"])
+    p.add_argument("--clients", nargs="+", default=CLIENTS, choices=CLIENTS)
     p.add_argument("--profile", action="store_true", help="also profile one batchgpt run")
     p.add_argument("--profile-only", action="store_true")
     p.add_argument("--top", type=int, default=25)

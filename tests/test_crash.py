@@ -102,6 +102,10 @@ def line_count(path: Path) -> int:
         return 0
 
 
+def has_lines(path: Path, n: int) -> Callable[[], bool]:
+    return lambda: line_count(path) >= n
+
+
 def committed(job: JobFiles) -> tuple[set[str], int]:
     """The checkpoint as a dead run left it: the ids marked done, and the output size it
     vouches for. Read-only, so reading it changes nothing."""
@@ -168,7 +172,7 @@ def test_sigkill_at_random_points_then_rerun_answers_every_row_exactly_once(
     for point in points:
         start = len(sim.stats.bodies)
         run = Cli(job)
-        run.until(f"{point} output lines", lambda p=point: line_count(job.output) >= p)
+        run.until(f"{point} output lines", has_lines(job.output, point))
         run.kill(signal.SIGKILL)
         assert run.wait() == -signal.SIGKILL
         # Nothing committed before this run was sent again by it.
@@ -237,7 +241,7 @@ def test_torn_last_line_is_cut_and_its_row_still_answered_once(
     assert "Traceback" not in rerun.stderr
     assert job.output.read_bytes().startswith(kept)  # committed results untouched
     lines = assert_every_row_once(job)  # the half line is gone; its row is there once
-    assert [line for line in lines if line["custom_id"] == victim][0]["id"] != "batch_req_torn"
+    assert next(line for line in lines if line["custom_id"] == victim)["id"] != "batch_req_torn"
     again = sent_ids(sim, start)
     assert again[victim] == 1
     assert set(again) == set(pending)  # exactly the rows not committed, each once
@@ -400,4 +404,36 @@ def test_unwritable_output_folder_exits_1_sends_nothing_and_keeps_the_checkpoint
     rerun = Cli(job)
     assert rerun.wait() == 0, rerun.stderr
     assert sim.stats.requests == ROWS - 120
+    assert_usage_matches_output(job, assert_every_row_once(job))
+
+
+def test_output_becoming_unwritable_mid_run_stops_promptly_and_keeps_the_checkpoint(
+    crash_job: JobFiles, fast_sim: Simulator
+) -> None:
+    """The disk-full / remounted-read-only case: writes fail on the open output."""
+    job, sim = crash_job, fast_sim
+    run = Cli(job)
+    run.until("50 output lines", lambda: line_count(job.output) >= 50)
+    undo = _make_read_only([job.output])
+    try:
+        code = run.wait()
+    finally:
+        undo()
+    err = run.stderr
+    assert code == 1, err
+    assert "Traceback" not in err and "never retrieved" not in err, err
+    assert f"cannot write {job.output}" in err
+    done, size = committed(job)
+    assert job.output.stat().st_size == size  # no partial line: nothing could be written
+    assert len(output_lines(job)) == len(done)
+    # It stopped at the first failed write: only requests already in flight went on.
+    assert sim.stats.requests <= len(done) + CONCURRENCY
+    summary = job.summary()
+    assert summary["outcome"] == "stopped"
+    assert summary["requests"]["succeeded"] == len(done)
+
+    start = len(sim.stats.bodies)
+    rerun = Cli(job)
+    assert rerun.wait() == 0, rerun.stderr
+    assert set(sent_ids(sim, start)) == set(IDS) - done
     assert_usage_matches_output(job, assert_every_row_once(job))

@@ -177,6 +177,17 @@ def test_last_attempt_on_a_retryable_error_fails_the_row_as_transient(failure: F
     assert "3 attempts" in last.reason
 
 
+def test_a_429_on_the_last_attempt_still_pauses_dispatch_for_everyone() -> None:
+    """The row gives up, but the server's retry-after is about the account: the other
+    rows must not walk into the same 429."""
+    failure = http(429, RATE_LIMIT_429, "rate_limit_exceeded", "requests",
+                   {"retry-after-ms": "1500"})
+    decision = decide(failure, POLICY.max_attempts, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW and decision.transient
+    assert decision.pause_s == 1.5
+    assert decision.slow_down
+
+
 def test_a_single_attempt_policy_never_retries() -> None:
     decision = decide(timeout(), 1, RetryPolicy(max_attempts=1), 0.0)
     assert decision.action is Action.FAIL_ROW and decision.transient
@@ -188,9 +199,16 @@ def test_permanent_errors_stay_permanent_on_the_last_attempt() -> None:
     assert decision.action is Action.FAIL_ROW and not decision.transient
 
 
-def test_a_hint_longer_than_a_run_should_wait_leaves_the_row_for_the_next_run() -> None:
+def test_a_rate_limit_hint_longer_than_a_run_should_wait_stops_the_run() -> None:
+    # A daily limit, say: every other row would be sent into the same 429.
     failure = http(429, "slow down", "rate_limit_exceeded",
                    headers={"retry-after": str(int(MAX_HINT_S) + 1)})
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.STOP_RUN
+
+
+def test_a_long_hint_on_a_server_error_leaves_the_row_for_the_next_run() -> None:
+    failure = http(503, "maintenance", None, headers={"retry-after": str(int(MAX_HINT_S) + 1)})
     decision = decide(failure, 1, POLICY, 0.0)
     assert decision.action is Action.FAIL_ROW and decision.transient
 
@@ -211,6 +229,19 @@ def test_backoff_is_capped_at_max_delay() -> None:
     assert max(delays) == 60.0
     assert delays[-1] == 60.0  # 2**28 s does not overflow the cap
     assert delays == sorted(delays)  # never shrinks as attempts go on
+
+
+@pytest.mark.parametrize(("multiplier", "attempt"), [(2.0, 1025), (2.0, 100_000),
+                                                     (1e6, 60), (1e300, 3)])
+def test_backoff_stays_at_the_cap_however_many_attempts(multiplier: float,
+                                                         attempt: int) -> None:
+    """max_attempts has no upper bound ("retry for as long as it takes"); the exponent
+    must not overflow a float into an exception that would kill the row's worker."""
+    policy = RetryPolicy(max_attempts=10**9, initial_delay_s=1.0, max_delay_s=60.0,
+                         multiplier=multiplier, jitter=0.0)
+    decision = decide(timeout(), attempt, policy, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == 60.0
 
 
 @pytest.mark.parametrize("rand", [0.0, 0.1, 0.5, 0.9, 0.999999, 1.0])
