@@ -22,9 +22,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from batchgpt.client import Attempt, ChatClient, resolve_credentials
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ConfigError, RequestTooLarge, RunStopped
 from batchgpt.limiter import RateLimiter
@@ -34,6 +33,9 @@ from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, now_iso
+
+if TYPE_CHECKING:  # the openai SDK takes ~1.5 s to import: only runs that send load it
+    from batchgpt.client import Attempt, ChatClient
 
 log = logging.getLogger("batchgpt")
 
@@ -457,6 +459,8 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                 sim = Simulator(options.sandbox_config or SimulatorConfig())
                 sandbox_url = await sim.start()
                 log.info("sandbox: built-in simulator at %s (no API key used)", sandbox_url)
+            from batchgpt.client import ChatClient, resolve_credentials
+
             base_url, key = resolve_credentials(job.api, sandbox_url)
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
                                     max_connections=run.cap, organization=job.api.organization,
