@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError
 from batchgpt.source import InputFile, ScannedRow
-from batchgpt.store import FAILED, OK, Store
+from batchgpt.store import FAILED, OK, Known, Store
 
 BATCH = 500
+DONE = Known(OK, "", False)  # in _classify: "succeeded before, for this same request"
 
 
 @dataclass
@@ -72,14 +73,20 @@ def _classify(
     job: JobConfig, store: Store, batch: list[ScannedRow], plan: Plan, retry_failed: bool,
     limit: int | None,
 ) -> None:
-    known = store.lookup([r.custom_id for r in batch])
+    unsettled = store.lookup_unsettled([(r.custom_id, r.request_hash) for r in batch])
+    if not unsettled:  # the whole batch succeeded before, for the same requests
+        plan.rows += len(batch)
+        plan.done += len(batch)
+        return
     for scanned in batch:
         plan.rows += 1
-        k = known.get(scanned.custom_id)
-        row = scanned.row
+        k = unsettled.get(scanned.custom_id, DONE)
+        if k is DONE:
+            plan.done += 1
+            continue
         if k is None:
             plan.new += 1
-        elif k.req_hash != row.request_hash:
+        elif k.req_hash != scanned.request_hash:
             if k.status == OK and job.on_change != "rerun":
                 if job.on_change == "keep":
                     plan.changed_kept += 1
@@ -87,7 +94,7 @@ def _classify(
                 else:
                     plan.changed_refused += 1
                     if len(plan.changed_examples) < 5:
-                        plan.changed_examples.append(row.custom_id)
+                        plan.changed_examples.append(scanned.custom_id)
                 continue
             plan.changed += 1
         elif k.status == OK:
@@ -101,8 +108,9 @@ def _classify(
         if limit is not None and len(plan.offsets) >= limit:
             plan.deferred += 1
             continue
+        row = scanned.row  # the request is built only for the rows to send
         plan.offsets.append(scanned.offset)
-        plan.lines.append(row.line)
+        plan.lines.append(scanned.line)
         plan.prompt_tokens += row.prompt_tokens
         cap = row.max_output_tokens
         if cap is None:

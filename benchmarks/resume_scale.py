@@ -2,8 +2,9 @@
 that a 1,000,000-row job has nothing left to do, and to reach its first new row when
 1,000 rows were appended.
 
-Run: ``python benchmarks/resume_scale.py`` (about 2 minutes; ``--rows 200000`` for a quick
-look, ``--profile`` to add a cProfile of the no-op resume, ``--keep`` to keep the files).
+Run: ``python benchmarks/resume_scale.py`` (about 4 minutes, 2 of them building the state;
+``--rows 200000`` for a quick look, ``--profile`` to add a cProfile of the no-op resume,
+``--keep`` to keep the files).
 Numbers are in docs/performance.md, "Scale (issue 4)".
 
 What it does, in a temp folder under /tmp (removed at the end):
@@ -13,7 +14,7 @@ What it does, in a temp folder under /tmp (removed at the end):
    (``Store._commit``: output lines appended and fsynced, then one SQLite transaction),
    in batches of 50,000 rows, with the simulator's reply for each row — nothing is sent;
 3. starts the simulator as a separate process and times ``batchgpt run JOB`` (a
-   subprocess: start to exit, peak RSS from ``wait4``) three times; the simulator must
+   subprocess under /usr/bin/time: start to exit, peak RSS) three times; the simulator must
    receive zero requests. Targets: ≤ 5 s, ≤ 150 MB;
 4. appends 1,000 new rows and times the run until the first new request reaches the
    simulator (polling its ``/_sandbox/stats``), then to exit; exactly 1,000 requests.
@@ -35,7 +36,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +58,20 @@ TARGET_S = 5.0
 TARGET_MB = 150.0
 
 
-def text_for(i: int, rng: random.Random) -> str:
-    words = [f"Story {i}:"]
-    while sum(len(w) + 1 for w in words) < 200:
-        words.append(rng.choice(WORDS))
-    return (" ".join(words))[:199] + "."
-
-
 def write_input(path: Path, start: int, n: int, seed: int) -> None:
-    rng = random.Random(seed + start)
+    """Template-form lines ``{"id", "text"}``; each text ~200 characters, unique (it
+    starts with the row number), drawn from a pool of random word sequences."""
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(997):
+        words: list[str] = []
+        while sum(len(w) + 1 for w in words) < 200:
+            words.append(rng.choice(WORDS))
+        pool.append(" ".join(words))
     with path.open("a", encoding="utf-8") as fh:
         for i in range(start, start + n):
-            fh.write(json.dumps({"id": f"r{i:07d}", "text": text_for(i, rng)}) + "\n")
+            text = f"Story {i}: {pool[i % len(pool)]}"[:199] + "."
+            fh.write(json.dumps({"id": f"r{i:07d}", "text": text}) + "\n")
 
 
 def write_job(folder: Path, base_url: str) -> Path:
@@ -102,8 +104,8 @@ def build_completed_state(job_path: Path) -> int:
             row = scanned.row
             reply = completion_for(row.body)
             usage = Usage.from_response(reply["usage"])
-            line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": row.custom_id,
-                    "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}",
+            line = {"id": f"batch_req_{n + len(batch):032x}", "custom_id": row.custom_id,
+                    "response": {"status_code": 200, "request_id": f"req_{n + len(batch):032x}",
                                  "body": reply}, "error": None}
             data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
             batch.append(_Pending(row.custom_id, row.request_hash, OK, data, 1,
@@ -192,6 +194,32 @@ def measure(cmd: list[str], folder: Path, sim: SimulatorProcess | None = None,
             "stderr": err_path.read_text(encoding="utf-8", errors="replace")}
 
 
+def breakdown(job_path: Path) -> dict[str, float]:
+    """The no-op resume's steps, timed in this process (the CLI adds its start-up)."""
+    from batchgpt.plan import make_plan
+
+    job = JobConfig.load(job_path)
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    store = Store(job)
+    store.open()
+    out["open (lock, repair, checks)"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        plan = make_plan(job, InputFile(job), store, retry_failed=False, limit=None)
+        out["plan (scan + validate + hash + look up)"] = time.perf_counter() - t
+        assert plan.to_send == 0
+        t = time.perf_counter()
+        store.totals()
+        out["totals (usage over the checkpoint)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        store.finalize()
+        out["finalize (failures file)"] = time.perf_counter() - t
+    finally:
+        store.close()
+    return out
+
+
 def profile_noop(job_path: Path, top: int) -> None:
     """The no-op resume in this process under cProfile (same code path as the CLI)."""
     from batchgpt.runner import RunOptions, run_job_sync
@@ -250,6 +278,8 @@ def main() -> None:
         print(f"  (for scale: `batchgpt run --help`, i.e. start-up and imports alone: "
               f"{base['wall_s']:.2f}s, {base['max_rss_mb']:.0f} MB)")
 
+        print("  where the time goes, in-process: " + ", ".join(
+            f"{step} {secs:.2f}s" for step, secs in breakdown(job_path).items()))
         if a.profile:
             profile_noop(job_path, 25)
 
