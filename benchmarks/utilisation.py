@@ -1,27 +1,38 @@
 """How much of an RPM / TPM limit batchgpt keeps busy, and how many 429s it draws.
 
-Run: ``python benchmarks/utilisation.py [--seconds 50] [--latency 0.05]`` (about 4 minutes
-with the defaults; loopback only, no key). Results and conclusions: docs/performance.md,
-"Pacing and client overhead (issue 3)".
+Run: ``python benchmarks/utilisation.py [--seconds 36] [--latency 0.05] [--only TEXT..]``
+(about 4 minutes with the defaults; loopback only, no key). Results and conclusions:
+docs/performance.md, "Pacing and client overhead (issue 3)".
 
 Each case starts the simulator in its own process (``python -m batchgpt.simulator
---no-record``) enforcing a limit with a 1 s window (as OpenAI quantizes limits) and a fixed
-latency, writes a job file whose ``limits`` name the same limit (or none, in the
-"learned" case, where the limiter must learn it from ``x-ratelimit-limit-*`` headers),
-and runs it in-process with ``run_job(job, RunOptions())``. The input has enough rows for
-about ``--seconds`` seconds at the limit.
+--no-record``) enforcing a limit with a 1 s window (OpenAI quantizes limits the same way)
+and a fixed latency (50 ms unless the case says otherwise), writes a job file whose
+``limits`` name the same limit, and runs it in-process with ``run_job(job, RunOptions())``.
+The input has enough rows for about ``--seconds`` seconds at the limit (half that for
+most cases). The cases:
+
+* rpm 1,200 / 6,000 / 30,000 and tpm 600,000, with the job configured at the limit (the
+  tpm rows' costs vary 10x, and their ``request_cost`` sum is checked against the tokens
+  the simulator charged);
+* the same limits with **no** ``limits`` in the job: the limiter must learn them from the
+  ``x-ratelimit-limit-*`` headers of the first responses;
+* rpm 6,000 with 3 s latency: 300 requests must be in flight, more than the default
+  concurrency ceiling of 256.
 
 How the rate is measured: a sampler task GETs the simulator's ``/_sandbox/stats`` every
-0.5 s and records (time, requests answered 200, tokens charged, 429s). The achieved rate
-is the slope of admitted requests (or charged tokens) between the first sample at least
-``WARM_S`` after the run started and the last sample at least ``COOL_S`` before it
-ended: the start-up (the limiter starts empty, so the first second is by design below
-the limit) and the tail (the last rows, stragglers behind a retry) are left out. The
-simulator counts a request when it *admits* it, so this is the server's view of the
-rate. The 429 share is over every request the server saw during the whole run.
+0.5 s and records (time, responses with status 200, tokens charged, 429s). The achieved
+rate is the slope of the 200 count (RPM cases) or of the charged tokens (TPM cases)
+between the first sample at least ``WARM_S`` after the run started and the last sample
+at least ``COOL_S`` before it ended, so the start-up (the limiter starts empty and, when
+learning, has to wait for the first headers) and the tail (the last rows, stragglers
+behind a retry) are left out. The simulator charges tokens when it admits a request and
+counts a status when it answers (one latency later); in the steady state both slopes are
+the admission rate. "whole" is the same over the whole run. The 429 share is over every
+request the simulator saw during the whole run.
 
 Every case also checks the run's bookkeeping: all rows succeeded, the output holds each
-custom_id exactly once, and batchgpt's own 429 count matches the simulator's.
+custom_id exactly once, and batchgpt's 429 count matches the simulator's. The machine is
+shared, so the CPU that other processes used meanwhile is printed too.
 
 Numbers are printed, never asserted: timing depends on the machine.
 """
@@ -97,6 +108,38 @@ class SimProcess:
         return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used (busy jiffies in /proc/stat)."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(parts) - parts[3] - parts[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def provenance() -> str:
+    """The commit measured, and any uncommitted change to batchgpt/."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "batchgpt"], capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return f"commit {head}" + (f" + uncommitted {', '.join(changed)}" if changed else "")
+
+
+async def wait_quiet(max_wait_s: float, quiet_cores: float = 0.3) -> None:
+    """Wait (at most max_wait_s) until other processes use less than quiet_cores cores:
+    the machine is shared, and a CPU-bound neighbour slows the client down."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        m0, c0 = machine_busy_s(), time.process_time()
+        await asyncio.sleep(1.0)
+        if machine_busy_s() - m0 - (time.process_time() - c0) < quiet_cores:
+            return
+
+
 @dataclass
 class Sample:
     t: float
@@ -147,6 +190,7 @@ class Case:
     job_limits: dict[str, int] = field(default_factory=dict)
     measure: str = "rpm"  # which limit the % is of
     share: float = 1.0  # of --seconds: the learned cases are about their start-up
+    latency: float | None = None  # None: --latency
 
 
 def make_rows(case: Case, seconds: float, rng: random.Random) -> tuple[list[dict[str, Any]],
@@ -201,6 +245,8 @@ def write_job(folder: Path, case: Case, rows: list[dict[str, Any]], base_url: st
 
 async def run_case(case: Case, seconds: float, latency: float) -> dict[str, Any]:
     rng = random.Random(3)
+    if case.latency is not None:
+        latency = case.latency
     sim_args = ["--latency", str(latency), "--window", "1"]
     if case.sim_rpm:
         sim_args += ["--rpm", str(case.sim_rpm)]
@@ -213,9 +259,12 @@ async def run_case(case: Case, seconds: float, latency: float) -> dict[str, Any]
         sampler = Sampler(f"{sim.root}/_sandbox/stats")
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop))
+        m0, c0, s0 = machine_busy_s(), time.process_time(), sim.cpu_s()
         t0 = time.perf_counter()
         result = await run_job(job, RunOptions())
         t1 = time.perf_counter()
+        cpu, sim_cpu = time.process_time() - c0, sim.cpu_s() - s0
+        others = max(0.0, machine_busy_s() - m0 - cpu - sim_cpu) / (t1 - t0)
         stop.set()
         await sampling
         final = sampler.samples[-1]
@@ -256,12 +305,16 @@ async def run_case(case: Case, seconds: float, latency: float) -> dict[str, Any]
         "output_lines": len(out_ids),
         "unique_ids": len(set(out_ids)),
         "p50": run["latency_s"]["p50"],
+        "latency": latency,
+        "client_busy": cpu / (t1 - t0),
+        "others": others,
     }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    head = (f"{'case':<34} {'rows':>6} {'limit':>16} {'steady':>8} {'whole':>7} "
-            f"{'wall/ideal s':>13} {'reqs':>6} {'429s':>5} {'429 %':>6}  check")
+    head = (f"{'case':<39} {'rows':>6} {'limit':>16} {'steady':>8} {'whole':>7} "
+            f"{'wall/ideal s':>13} {'reqs':>6} {'429s':>5} {'429 %':>6} {'CPU':>4} "
+            f"{'others':>6}  check")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -272,16 +325,19 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"BAD outcome={r['outcome']} succeeded={r['succeeded']} lines={r['output_lines']} "
             f"unique={r['unique_ids']} client429={r['client_429']}")
         limit = f"{r['limit']:,.0f} {r['unit']}"
-        print(f"{r['case']:<34} {r['rows']:>6,} {limit:>16} {r['steady_pct']:>7.1f}% "
+        print(f"{r['case']:<39} {r['rows']:>6,} {limit:>16} {r['steady_pct']:>7.1f}% "
               f"{r['whole_pct']:>6.1f}% {r['wall_s']:>6.1f}/{r['ideal_s']:<6.1f} "
-              f"{r['requests']:>6,} {r['r429']:>5,} {r['pct429']:>5.2f}%  {check}")
+              f"{r['requests']:>6,} {r['r429']:>5,} {r['pct429']:>5.2f}% "
+              f"{100 * r['client_busy']:>3.0f}% {r['others']:>6.2f}  {check}")
     print()
     print(f"steady = rate the simulator admitted between t+{WARM_S:g}s and end-{COOL_S:g}s, "
           "as % of the limit; whole = over the whole run (includes the empty-bucket start "
           "and the tail).")
     print("wall/ideal = run time vs rows (or their tokens) / limit. 429 % = share of all "
-          "requests the simulator saw; 'check' = all rows succeeded, each custom_id once in "
-          "the output, batchgpt's 429 count == simulator's.")
+          "requests the simulator saw. CPU = batchgpt's process CPU / wall (100 % = one "
+          "core);\nothers = cores used meanwhile by other processes on the machine. 'check' = "
+          "all rows succeeded, each custom_id once in the output, batchgpt's 429 count == the "
+          "simulator's.")
     for r in results:
         if r["unit"] == "tok/min":
             print(f"{r['case']}: tokens charged by the simulator {r['charged_tokens']:,} vs "
@@ -293,31 +349,62 @@ CASES = [
     Case("rpm 6,000 (job rpm 6,000)", sim_rpm=6000, job_limits={"rpm": 6000}),
     Case("tpm 600,000 (job tpm 600,000)", sim_tpm=600_000, job_limits={"tpm": 600_000},
          measure="tpm"),
+    # 500 req/s: does one client process keep up (CPU) on this machine?
+    Case("rpm 30,000 (job rpm 30,000)", sim_rpm=30_000, job_limits={"rpm": 30_000},
+         share=0.5),
     Case("rpm 6,000 (job: no limits, learned)", sim_rpm=6000, job_limits={}, share=0.5),
     Case("rpm 1,200 (job: no limits, learned)", sim_rpm=1200, job_limits={}, share=0.5),
     Case("tpm 600,000 (job: no limits, learned)", sim_tpm=600_000, job_limits={},
          measure="tpm", share=0.5),
+    # 100 req/s x 3 s latency = 300 requests in flight, above the default ceiling of 256
+    # (runner.DEFAULT_MAX_CONCURRENCY): what a 6,000-RPM account with slow replies gets.
+    Case("rpm 6,000, latency 3 s (job rpm 6,000)", sim_rpm=6000, job_limits={"rpm": 6000},
+         share=0.5, latency=3.0),
 ]
+
+
+def set_burst(burst_s: float) -> None:
+    """Make the runner build its RateLimiter with this burst (an experiment for a proposed
+    fix; batchgpt's own default is untouched on disk)."""
+    import functools
+
+    from batchgpt import limiter, runner
+
+    runner.RateLimiter = functools.partial(limiter.RateLimiter,  # type: ignore[misc]
+                                           burst_s=burst_s)
 
 
 async def main_async(args: argparse.Namespace) -> None:
     os.environ.setdefault(KEY_ENV, "sk-bench-not-a-real-key")
+    if args.burst is not None:
+        set_burst(args.burst)
     chosen = [c for c in CASES if not args.only or any(o in c.name for o in args.only)]
     results = []
     for case in chosen:
+        await wait_quiet(args.quiet_wait)
         print(f"running: {case.name} ...", file=sys.stderr, flush=True)
         results.append(await run_case(case, args.seconds * case.share, args.latency))
-    print(f"\n== utilisation: simulator window 1 s, latency {args.latency * 1000:.0f} ms, "
-          f"rows for ~{args.seconds:g} s per case (learned cases: half) ==")
+    import openai
+
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, openai "
+          f"{openai.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; {provenance()}")
+    burst = "" if args.burst is None else f", limiter burst_s={args.burst:g} (experiment)"
+    print(f"\n== utilisation{burst}: simulator window 1 s, latency {args.latency * 1000:.0f} ms "
+          f"(unless the case says otherwise), rows for ~{args.seconds:g} s per case (the first "
+          "three; the others half) ==")
     print_table(results)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=50.0,
-                   help="rows for this long per case (learned cases: half)")
+    p.add_argument("--seconds", type=float, default=36.0,
+                   help="rows for this long per case (most cases: half)")
     p.add_argument("--latency", type=float, default=0.05, help="simulator latency, seconds")
     p.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
+    p.add_argument("--quiet-wait", type=float, default=3.0, help="before each case, wait up "
+                   "to this many seconds for other processes to go quiet")
+    p.add_argument("--burst", type=float, help="experiment: build the limiter with this "
+                   "burst_s instead of batchgpt's default")
     asyncio.run(main_async(p.parse_args()))
 
 
