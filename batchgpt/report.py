@@ -55,14 +55,7 @@ class RunStats:
 
     @property
     def usage(self) -> Usage:
-        return _sum_usage(self.usage_by_model)
-
-
-def _sum_usage(by_model: Mapping[str, Usage]) -> Usage:
-    total = Usage()
-    for u in by_model.values():
-        total = total + u
-    return total
+        return sum(self.usage_by_model.values(), Usage())
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -209,7 +202,7 @@ def render_table(summary: Mapping[str, Any]) -> str:
             + ", ".join(summary["cost_unknown_models"])
             + ": add a `pricing:` block to the job file"
         )
-    if summary.get("errors") or run["errors_by_code"]:
+    if run["errors_by_code"]:
         codes = ", ".join(f"{k} {v}" for k, v in run["errors_by_code"].items())
         lines.append(f"  errors this run: {codes}")
     return "\n".join(lines)

@@ -116,10 +116,7 @@ class Totals:
 
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for u in self.usage_by_model.values():
-            total = total + u
-        return total
+        return sum(self.usage_by_model.values(), Usage())
 
 
 def now_iso() -> str:
@@ -387,10 +384,6 @@ class Store:
                 cached_tokens=cached or 0, reasoning_tokens=reasoning or 0,
             )
         return t
-
-    def all_ids(self) -> Iterator[str]:
-        for (cid,) in self.db.execute("SELECT custom_id FROM rows"):
-            yield cid
 
     def last_run(self) -> dict[str, Any] | None:
         row = self.db.execute(
