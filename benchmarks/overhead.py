@@ -32,9 +32,11 @@ Per client it prints requests/s, the client process's CPU per request
 much of that was the cyclic garbage collector (``gc.callbacks``), the simulator's CPU per
 request (/proc/PID/stat; it shares the two cores) and the cores other processes used
 meanwhile. The machine is shared: before each run the script waits (``--quiet-wait``,
-20 s) for the others to go quiet, runs the clients interleaved in ``--repeat`` rounds
-(each run's figures go to stderr) and keeps each client's fastest run (outside load only
-ever slows a run down). The header names the git commit and any uncommitted change under
+20 s) for the others to go quiet and runs the clients interleaved in ``--repeat`` rounds
+(each run's figures go to stderr). Even with nothing else running, identical runs differ
+by ±20 % on this VM, so the table gives medians over the rounds and the range of req/s,
+and each comparison is the median of per-round ratios (a client and its baseline ran a
+minute apart). The header names the git commit and any uncommitted change under
 batchgpt/, since the figures belong to the code they measured.
 
 ``--profile`` adds a cProfile of one batchgpt run, broken down by component (cumulative
@@ -54,6 +56,7 @@ import gc
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -562,44 +565,57 @@ LEGEND = {
 }
 
 
-def print_table(rows: list[Measure], repeat: int) -> None:
-    print(f"\n== overhead: simulator latency 0, no limits; best of {repeat} runs ==")
-    head = (f"{'client':<16} {'conc':>4} {'requests':>8} {'req/s':>7} {'CPU s/1k':>9} "
-            f"{'of it GC':>8} {'busy':>5} {'sim s/1k':>9} {'others':>6}  check")
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int, str]],
+                repeat: int) -> None:
+    """Medians over the rounds (each column on its own), the range of req/s, and for the
+    comparisons the median of the per-round ratios: a client and its baseline ran in the
+    same round, a minute apart, so a slow spell of the machine hits both."""
+    print(f"\n== overhead: simulator latency 0, no limits; medians of {repeat} rounds ==")
+    head = (f"{'client':<16} {'conc':>4} {'requests':>8} {'req/s':>7} {'(min-max)':>13} "
+            f"{'CPU s/1k':>9} {'of it GC':>8} {'busy':>5} {'sim s/1k':>9} {'others':>6}  check")
     print(head)
     print("-" * len(head))
-    for m in rows:
-        print(f"{m.client:<16} {m.concurrency:>4} {m.requests:>8,} {m.rps:>7,.0f} "
-              f"{m.cpu_per_k:>9.3f} {m.gc_per_k:>8.3f} {100 * m.cpu_s / m.wall_s:>4.0f}% "
-              f"{m.sim_per_k:>9.3f} {m.others_cores:>6.2f}  {'ok' if m.ok else 'BAD'} {m.note}")
-    by = {(m.client, m.concurrency): m for m in rows}
+    for key in order:
+        ms = got[key]
+        c, client = key
+        rps = [m.rps for m in ms]
+        ok = all(m.ok for m in ms)
+        notes = "; ".join(m.note for m in ms if m.note)
+        span = f"({min(rps):,.0f}-{max(rps):,.0f})"
+        print(f"{client:<16} {c:>4} {ms[0].requests:>8,} {_median(rps):>7,.0f} {span:>13} "
+              f"{_median([m.cpu_per_k for m in ms]):>9.3f} "
+              f"{_median([m.gc_per_k for m in ms]):>8.3f} "
+              f"{100 * _median([m.cpu_s / m.wall_s for m in ms]):>4.0f}% "
+              f"{_median([m.sim_per_k for m in ms]):>9.3f} "
+              f"{max(m.others_cores for m in ms):>6.2f}  {'ok' if ok else 'BAD'} {notes}")
     print()
-    for c in sorted({m.concurrency for m in rows}):
+    for c in sorted({k[0] for k in order}):
         for other, base in (("batchgpt", "sdk"), ("batchgpt", "sdk-post"),
-                            ("sdk-post", "sdk"), ("client", "sdk-post"), ("aiohttp", "sdk"),
+                            ("batchgpt", "client"), ("sdk-post", "sdk"),
+                            ("client", "sdk-post"), ("aiohttp", "sdk-post"),
                             ("batchgpt+gc", "batchgpt"), ("batchgpt-create", "batchgpt")):
-            o, b = by.get((other, c)), by.get((base, c))
-            if o is not None and b is not None:
-                print(f"concurrency {c}: {other} vs {base}: CPU {o.cpu_per_k - b.cpu_per_k:+.3f} "
-                      f"s/1k ({100 * (o.cpu_per_k / b.cpu_per_k - 1):+.0f} %), "
-                      f"rate x{o.rps / b.rps:.2f}")
+            o, b = got.get((c, other)), got.get((c, base))
+            if not o or not b:
+                continue
+            pairs = list(zip(o, b, strict=False))
+            d_cpu = _median([x.cpu_per_k - y.cpu_per_k for x, y in pairs])
+            r_cpu = _median([x.cpu_per_k / y.cpu_per_k for x, y in pairs])
+            r_rate = _median([x.rps / y.rps for x, y in pairs])
+            print(f"concurrency {c}: {other} vs {base}: CPU {d_cpu:+.3f} s/1k "
+                  f"({100 * (r_cpu - 1):+.0f} %), rate x{r_rate:.2f}")
     print()
-    for name in sorted({m.client for m in rows}, key=list(LEGEND).index):
+    for name in sorted({k[1] for k in order}, key=list(LEGEND).index):
         print(f"  {name:<16} {LEGEND[name]}")
     print("CPU s/1k = time.process_time() of the client process (all its threads) per 1,000 "
           "requests (= ms per request);\nof it GC = time in the cyclic garbage collector "
           "(gc.callbacks); busy = client CPU / wall (100 % = one core);\nsim s/1k = the "
-          "simulator process's CPU; others = cores used meanwhile by other processes on this "
-          "shared machine.")
-
-
-def best_measure(ms: list[Measure]) -> Measure:
-    """The fastest of the repeats: other processes on a shared machine only ever slow a
-    run down, so the best run is the closest to the client's own cost."""
-    best = max(ms, key=lambda m: m.rps)
-    best.ok = all(m.ok for m in ms)
-    best.note = "; ".join(m.note for m in ms if m.note)
-    return best
+          "simulator process's CPU; others = the most cores other processes on this shared "
+          "machine used during any\nof the rounds. Comparisons: median over rounds of the "
+          "paired differences/ratios.")
 
 
 async def main_async(a: argparse.Namespace) -> None:
@@ -609,13 +625,12 @@ async def main_async(a: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"openai {openai.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; {provenance()}",
           flush=True)
-    rows: list[Measure] = []
     with SimProcess() as sim:
         await run_sdk(sim, 300, 16)  # warm-up: imports, first connections
         if not a.profile_only:
             # Rounds interleave the clients, so a burst of load from elsewhere on the
             # machine hits all of them alike rather than one client's every repeat.
-            got: dict[tuple[int, str], list[Measure]] = defaultdict(list)
+            got: dict[tuple[int, str], list[Measure]] = defaultdict(list)  # in round order
             for r in range(a.repeat):
                 for c in a.concurrency:
                     for client in a.clients:
@@ -632,11 +647,12 @@ async def main_async(a: argparse.Namespace) -> None:
                             m = await run_sdk(sim, a.requests, c, client)
                         got[(c, client)].append(m)
                         print(f"  {m.rps:7,.0f} req/s {m.cpu_per_k:6.3f} s/1k CPU "
-                              f"(GC {m.gc_per_k:.3f}), others {m.others_cores:.2f} cores"
+                              f"(GC {m.gc_per_k:.3f}), sim {m.sim_per_k:.3f} s/1k, "
+                              f"others {m.others_cores:.2f} cores"
                               + (f"  {m.note}" if m.note else ""), file=sys.stderr, flush=True)
-            rows = [best_measure(got[(c, client)]) for c in a.concurrency
-                    for client in a.clients if (c, client) in got]
-            print_table(rows, a.repeat)
+            order = [(c, client) for c in a.concurrency for client in a.clients
+                     if (c, client) in got]
+            print_table(got, order, a.repeat)
         if a.profile or a.profile_only:
             await profile(sim, a.requests, a.concurrency[0], a.top)
 
