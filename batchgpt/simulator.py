@@ -58,6 +58,14 @@ class FaultConfig(BaseModel):
     quota_after: int | None = Field(default=None, ge=0)
     poison_marker: str | None = "__POISON__"
     api_key: str | None = None
+    # A hostile or broken server, for tests of what batchgpt does with what it is told:
+    # headers set on every answer (after the rate-limit headers, so they can override
+    # them), a JSON patch deep-merged into every chat.completion (absurd usage, a lone
+    # surrogate in the content, ...), and a proxy that answers every request with this
+    # status and echoes the Authorization header it was given in the error message.
+    headers: dict[str, str] = Field(default_factory=dict)
+    reply_patch: dict[str, Any] | None = None
+    echo_auth_status: int | None = Field(default=None, ge=400, le=599)
 
     @model_validator(mode="after")
     def _rates_fit(self) -> FaultConfig:
@@ -413,10 +421,16 @@ class Simulator:
                        "Authorization header using Bearer auth (i.e. Authorization: Bearer "
                        "YOUR_KEY).")
                 return self._finish(_error(401, msg, "invalid_request_error", "invalid_api_key"),
-                                    started, buckets)
+                                    started, buckets, faults)
+        if faults.echo_auth_status is not None:
+            given = request.headers.get("Authorization", "")
+            return self._finish(_error(faults.echo_auth_status,
+                                       f"proxy: upstream refused the request (Authorization: "
+                                       f"{given})", "proxy_error", "proxy_error"),
+                                started, buckets, faults)
         invalid = _validate(body)
         if invalid is not None:
-            return self._finish(invalid, started, buckets)
+            return self._finish(invalid, started, buckets, faults)
         assert isinstance(body, dict)
         model = body["model"]
         marker = faults.poison_marker
@@ -424,16 +438,17 @@ class Simulator:
             return self._finish(_invalid(
                 "This model's maximum context length is 128000 tokens. However, your messages "
                 "resulted in 131072 tokens. Please reduce the length of the messages.",
-                "messages", "context_length_exceeded"), started, buckets)
+                "messages", "context_length_exceeded"), started, buckets, faults)
         if faults.quota_after is not None and self._quota_used >= faults.quota_after:
             return self._finish(_error(
                 429, "You exceeded your current quota, please check your plan and billing "
-                "details.", "insufficient_quota", "insufficient_quota"), started, buckets)
+                "details.", "insufficient_quota", "insufficient_quota"),
+                started, buckets, faults)
 
         cost = tokens.request_cost(body)
         rejected = self._admit(buckets, cost, model)
         if rejected is not None:
-            return self._finish(rejected, started, buckets)
+            return self._finish(rejected, started, buckets, faults)
         self.stats.tokens_charged += cost
 
         outcome, delay = "reply", config.latency_s
@@ -463,8 +478,10 @@ class Simulator:
             resp = web.Response(status=200, body=GARBAGE_BODY, content_type="text/html")
         else:
             reply = completion_for(body, config.model_alias)
+            if faults.reply_patch:
+                reply = _merge(reply, faults.reply_patch)
             resp = web.Response(body=json.dumps(reply).encode(), content_type="application/json")
-        return self._finish(resp, started, self._buckets(config, time.monotonic()))
+        return self._finish(resp, started, self._buckets(config, time.monotonic()), faults)
 
     @staticmethod
     def _pick_fault(faults: FaultConfig, u: float) -> str:
@@ -545,7 +562,8 @@ class Simulator:
 
     @staticmethod
     def _finish(resp: web.Response, started: float,
-                buckets: tuple[_Bucket | None, _Bucket | None]) -> web.Response:
+                buckets: tuple[_Bucket | None, _Bucket | None],
+                faults: FaultConfig) -> web.Response:
         headers = resp.headers
         headers["x-request-id"] = f"req_{_ids.getrandbits(128):032x}"
         headers["openai-processing-ms"] = str(int((time.monotonic() - started) * 1000))
@@ -555,6 +573,8 @@ class Simulator:
                 headers[f"x-ratelimit-limit-{dim}"] = str(bucket.limit)
                 headers[f"x-ratelimit-remaining-{dim}"] = str(bucket.remaining())
                 headers[f"x-ratelimit-reset-{dim}"] = format_go_duration(bucket.reset())
+        if faults is not None and faults.headers:
+            headers.update(faults.headers)
         return resp
 
     # -- other endpoints -------------------------------------------------------------
