@@ -7,19 +7,23 @@ stdout carries only what a script asked for (``--json``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from batchgpt import __version__
 from batchgpt.config import JobConfig
-from batchgpt.errors import BatchGPTError, InputError
+from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
 from batchgpt.logs import setup_logging
-from batchgpt.runner import EXIT_ERROR, EXIT_OK, RunOptions, run_job
+from batchgpt.runner import RunOptions, run_job
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +34,39 @@ app = typer.Typer(
 log = logging.getLogger("batchgpt")
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
+P = ParamSpec("P")
+R = TypeVar("R")
+_crash_dir: Path | None = None  # where a traceback goes: the job's state folder, once known
+
+
+def _guarded(command: Callable[P, R]) -> Callable[P, R]:
+    """The top-level handler. A BatchGPTError is a message and its exit code; anything
+    else is a bug: one line naming it and the file holding the traceback, exit 70. Never
+    a traceback on the terminal or in a cron mail."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer reports them
+            raise
+        except BatchGPTError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; results written so far are kept", err=True)
+            raise typer.Exit(ExitCode.SIGINT) from None
+        except Exception as exc:
+            from batchgpt.crash import write_crash_report
+
+            try:
+                where = f"the traceback is in {write_crash_report(exc, _crash_dir)}"
+            except OSError:
+                where = "no traceback file could be written"
+            typer.echo(f"internal error: {type(exc).__name__}: {exc} — a bug in batchgpt; "
+                       f"{where}. Results already written are kept.", err=True)
+            raise typer.Exit(ExitCode.SOFTWARE) from None
+
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -48,10 +85,28 @@ def _main(
 
 
 def _load(job_path: Path) -> JobConfig:
+    global _crash_dir
     try:
-        return JobConfig.load(job_path)
+        job = JobConfig.load(job_path)
     except BatchGPTError as exc:
         _fail(exc)
+    _crash_dir = job.state_dir
+    return job
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    """A file written after the run (metrics) must be writable before it starts: a paid
+    run must not end in an error about its report."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise StateError(f"{what} {path} is a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StateError(f"cannot write {what} {path}: {exc.strerror}; nothing was "
+                         "sent") from None
 
 
 def _fail(exc: BatchGPTError) -> NoReturn:
@@ -63,6 +118,7 @@ def _fail(exc: BatchGPTError) -> NoReturn:
 
 
 @app.command()
+@_guarded
 def run(
     job_path: JobArg,
     sandbox: Annotated[bool, typer.Option(
@@ -90,14 +146,23 @@ def run(
     """Run a job, or resume it: rows that already succeeded are never sent again."""
     if log_format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--log-format")
-    setup_logging(log_format, log_file, verbose)
+    try:
+        setup_logging(log_format, log_file, verbose)
+    except OSError as exc:
+        typer.echo(f"cannot write the log file {log_file}: {exc.strerror}; nothing was sent",
+                   err=True)
+        raise typer.Exit(ExitCode.ERROR) from None
     job = _load(job_path)
+    if metrics_file is not None and not dry_run:
+        _check_writable_file(metrics_file, "the metrics file")
     if fresh and not yes and not dry_run:
         if not sys.stdin.isatty():
-            log.error("--fresh discards every result of %s; add --yes to confirm", job.job_name)
-            raise typer.Exit(2)
-        if not typer.confirm(f"Discard every result of {job.job_name} in {job.output}?"):
-            raise typer.Exit(EXIT_ERROR)
+            log.error("--fresh sets every result of %s aside and starts over; add --yes to "
+                      "confirm", job.job_name)
+            raise typer.Exit(ExitCode.USAGE)
+        if not typer.confirm(f"Set every result of {job.job_name} in {job.output} aside "
+                             "(moved to a .previous-<time> file) and start over?"):
+            raise typer.Exit(ExitCode.ERROR)
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
                          dry_run=dry_run, handle_signals=True)
     live = None
@@ -114,20 +179,23 @@ def run(
             result = asyncio.run(run_job(job, options))
     except BatchGPTError as exc:
         _fail(exc)
-    if dry_run:
+    if dry_run or result.report is None:
         from batchgpt.estimate import render_estimate
 
         if as_json:
             typer.echo(json.dumps(result.estimate, indent=2))
         else:
             typer.echo(render_estimate(result.estimate), err=True)
-        raise typer.Exit(EXIT_OK)
+        raise typer.Exit(ExitCode.OK)
     if metrics_file is not None:
         from batchgpt.metrics import write_metrics
 
-        write_metrics(metrics_file, result.summary)
+        try:
+            write_metrics(metrics_file, result.report)
+        except OSError as exc:
+            log.error("cannot write the metrics file %s: %s", metrics_file, exc.strerror)
     if as_json:
-        typer.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
+        typer.echo(result.report.to_json().rstrip("\n"))
     if result.plan.to_send:
         sys.stderr.write(result.table + "\n")
         sys.stderr.flush()
@@ -136,6 +204,7 @@ def run(
 
 
 @app.command()
+@_guarded
 def status(
     job_path: JobArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,

@@ -1,21 +1,37 @@
-"""The errors batchgpt raises on purpose, and what the CLI does with them.
+"""The errors batchgpt raises on purpose, the exit codes, and what the CLI does with them.
 
 ::
 
     BatchGPTError                 anything batchgpt reports to the user without a traceback
-    ├── ConfigError               the job file is wrong (exit 1, nothing sent)
+    ├── ConfigError               the job file or a setting is wrong (exit 1, nothing sent)
     ├── InputError                input lines are wrong; carries every problem found (exit 1)
-    ├── StateError                the checkpoint or output can't be read or written (exit 1)
-    ├── LockedError               another run holds this job's lock (exit 75)
-    └── RunStopped                the server said stop: auth, permission, quota (exit 1)
+    ├── StateError                the output or checkpoint can't be used (exit 1)
+    └── LockedError               another run holds this job's lock (exit 75)
 
 Row-level failures (a 400 for one record, a request too large for the TPM limit) are not
 exceptions that travel up: they become rows of the failures file, and the run goes on.
+Anything else that reaches the CLI is a bug: one line, a traceback file, exit 70.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class ExitCode(enum.IntEnum):
+    """The process's exit status: a public surface (cron and systemd scripts test it)."""
+
+    OK = 0  # every row succeeded
+    ERROR = 1  # could not run, or stopped: bad job file or input, key, quota, storage
+    USAGE = 2  # command-line usage error
+    ROWS_FAILED = 3  # finished; some rows failed permanently (see the failures file)
+    BUDGET = 4  # stopped by limits.max_cost_usd
+    ROWS_RETRYABLE = 6  # finished; some rows failed for a reason that may pass: rerun later
+    SOFTWARE = 70  # an internal error (EX_SOFTWARE): a bug; a traceback file is named
+    LOCKED = 75  # another run of the job holds its lock (EX_TEMPFAIL)
+    SIGINT = 130
+    SIGTERM = 143
 
 
 class BatchGPTError(Exception):
@@ -55,7 +71,7 @@ class StateError(BatchGPTError):
 
 
 class LockedError(BatchGPTError):
-    exit_code = 75
+    exit_code = ExitCode.LOCKED
 
 
 class RequestTooLarge(BatchGPTError):
@@ -69,12 +85,3 @@ class RequestTooLarge(BatchGPTError):
             f"request needs about {cost} tokens, more than the whole tokens-per-minute "
             f"limit of {limit:g}; it can never be sent at this limit"
         )
-
-
-class RunStopped(BatchGPTError):
-    """The server answered in a way that makes every further request pointless (bad key,
-    no permission, out of quota)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)

@@ -67,4 +67,11 @@ def render_estimate(est: dict[str, Any]) -> str:
         lines.append(f"  price of {est['model']} unknown: add a `pricing:` block to the job file")
     if est["min_wall_time_s"] is not None:
         lines.append(f"  minimum wall time        {est['min_wall_time_s']:,}s at the job's limits")
+    aside = est.get("would_set_aside")
+    if aside is not None:
+        if aside:
+            lines.append("  --fresh would set aside (nothing is moved by a dry run):")
+            lines.extend(f"    {src} → {dst}" for src, dst in aside.items())
+        else:
+            lines.append("  --fresh would set nothing aside: no previous results")
     return "\n".join(lines)

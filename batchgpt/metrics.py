@@ -33,6 +33,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchgpt.summary import Outcome, Summary
+
 __all__ = ["JOB_LABEL", "LAST_SUCCESS_METRIC", "OUTCOMES", "write_metrics"]
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ LAST_SUCCESS_METRIC = "batchgpt_last_success_timestamp_seconds"
 
 # Every outcome gets a sample (1 for this run's, 0 for the others), so an alert can say
 # `batchgpt_run_outcome{outcome="completed"} == 0` instead of testing for absence.
-OUTCOMES = ("completed", "failed_rows", "interrupted", "stopped", "error")
+OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.DRY_RUN)
 
 _ROW_STATUSES = ("succeeded", "failed", "pending")
 _TOKEN_KINDS = {
@@ -59,34 +61,28 @@ _QUANTILES = {"0.5": "p50", "0.95": "p95", "0.99": "p99", "1": "max"}
 _Samples = Iterable[tuple[tuple[str, ...], float | None]]
 
 
-def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:
-    """Write ``summary`` (the run report's JSON shape) to ``path``, replacing the file.
+def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
+    """Write ``summary`` to ``path``, replacing the file.
 
-    A key that is missing or None leaves its sample out rather than writing a 0 that would
-    read as a fact: "cost unknown" (a model without a price) must not look like "free".
-
-    Raises ValueError when ``summary`` has no job name or a timestamp can't be read, and
-    TypeError when a figure is not a number: those are bugs in the caller, not conditions
-    of the run. OSError from writing the file is left to the caller as well.
+    A figure that is None leaves its sample out rather than writing a 0 that would read
+    as a fact: "cost unknown" (a model without a price) must not look like "free". The
+    summary is the typed model the summary file is written from, so a renamed field is a
+    type error here, never a metric that silently disappears. OSError from writing the
+    file is left to the caller.
     """
-    job = summary.get("job")
-    if not isinstance(job, str) or not job:
-        raise ValueError(f"summary needs a job name to label its metrics, got {job!r}")
+    job = summary.job
+    requests = summary.requests.model_dump()
+    usage = summary.usage.model_dump()
+    this_run = summary.this_run
+    run_requests = this_run.requests.model_dump()
+    run_usage = this_run.usage.model_dump()
+    latency = this_run.latency_s.model_dump()
+    errors = this_run.errors_by_code
+    outcome = summary.outcome.value
+    finished_at = _timestamp(summary.finished_at)
+    run_duration: float | None = this_run.wall_time_s
 
-    requests = _section(summary, "requests")
-    usage = _section(summary, "usage")
-    this_run = _section(summary, "this_run")
-    run_requests = _section(this_run, "requests")
-    run_usage = _section(this_run, "usage")
-    latency = _section(this_run, "latency_s")
-    errors = _section(this_run, "errors_by_code")
-    outcome = summary.get("outcome")
-    finished_at = _timestamp(summary.get("finished_at"))
-    run_duration = _number(this_run, "wall_time_s")
-    if run_duration is None:
-        run_duration = _number(summary, "wall_time_s")
-
-    last_success = finished_at if outcome == "completed" else None
+    last_success = finished_at if summary.outcome is Outcome.COMPLETED else None
     if last_success is None:
         last_success = _previous_last_success(Path(path), job)
 
@@ -120,13 +116,13 @@ def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
         "Estimated USD the job has cost over all its runs, from batchgpt's price table or "
         "the job file's pricing block. Absent when the model's price is unknown.",
         (),
-        [((), _number(summary, "cost_usd"))],
+        [((), summary.cost_usd)],
     )
     gauge(
         "batchgpt_run_cost_usd",
         "Estimated USD the last run cost. Absent when the model's price is unknown.",
         (),
-        [((), _number(this_run, "cost_usd"))],
+        [((), this_run.cost_usd)],
     )
     gauge(
         "batchgpt_run_tokens",
@@ -152,7 +148,7 @@ def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
         "Error answers in the last run by error code (server_error, "
         "context_length_exceeded, ...), retried or not.",
         ("code",),
-        (((str(code),), _number(errors, code)) for code in errors),
+        (((str(code),), float(count)) for code, count in errors.items()),
     )
     gauge(
         "batchgpt_run_latency_seconds",
@@ -161,18 +157,17 @@ def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
         ("quantile",),
         (((q,), _number(latency, key)) for q, key in _QUANTILES.items()),
     )
-    if isinstance(outcome, str) and outcome:
-        outcomes = OUTCOMES if outcome in OUTCOMES else (*OUTCOMES, outcome)
-        gauge(
-            "batchgpt_run_outcome",
-            "How the last run ended, 1 for its outcome and 0 for the others: completed "
-            "(every row succeeded), failed_rows (finished, but some rows failed), "
-            "interrupted (cut short, e.g. by Ctrl-C or SIGTERM; a rerun resumes), stopped "
-            "(halted because going on was pointless, e.g. bad key or no quota), error "
-            "(batchgpt itself failed).",
-            ("outcome",),
-            (((name,), 1.0 if name == outcome else 0.0) for name in outcomes),
-        )
+    gauge(
+        "batchgpt_run_outcome",
+        "How the last run ended, 1 for its outcome and 0 for the others: completed "
+        "(every row succeeded), failed_rows (finished, but some rows failed for good), "
+        "retryable_rows (finished, but some rows failed for reasons that may pass; a rerun "
+        "sends them), interrupted (cut short, e.g. by Ctrl-C or SIGTERM; a rerun resumes), "
+        "stopped (halted because going on was pointless or unsafe, e.g. bad key, no quota, "
+        "a failed write), error (batchgpt itself failed).",
+        ("outcome",),
+        (((name,), 1.0 if name == outcome else 0.0) for name in OUTCOMES),
+    )
     gauge(
         "batchgpt_last_run_timestamp_seconds",
         "When the last run finished, whatever its outcome, as a Unix timestamp.",
@@ -190,23 +185,9 @@ def write_metrics(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
     write_to_textfile(os.fspath(path), registry)
 
 
-def _section(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """A nested part of the summary, or {} when it is missing or None."""
-    value = parent.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(f"summary field {key!r} should be a mapping, got {value!r}")
-    return value
-
-
 def _number(parent: Mapping[str, Any], key: str) -> float | None:
     value = parent.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"summary field {key!r} should be a number, got {value!r}")
-    return float(value)
+    return None if value is None else float(value)
 
 
 def _timestamp(value: Any) -> float | None:

@@ -1,31 +1,42 @@
 """Before anything is sent: validate the whole input and work out which rows to send.
 
-One streaming pass over the input checks every line and asks the checkpoint, 500 ids at a
-time, what it already holds. What comes out is the byte offsets of the pending lines (8
-bytes a row), so a million-row resume needs neither the file nor the ids in memory.
+One streaming pass over the input checks every line and asks the index, 500 ids at a
+time, what it already holds. What comes out is, per pending row, its byte offset, line
+number and a 64-bit check of (id, request hash): 24 bytes a row, so a million-row resume
+needs neither the file nor the ids in memory. The runner re-reads pending rows by offset
+and compares each one's check with the plan's, so an input rewritten during the run is
+noticed instead of sending the wrong rows.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError
 from batchgpt.source import InputFile, ScannedRow
-from batchgpt.store import FAILED, OK, Known, Store
+
+if TYPE_CHECKING:
+    from batchgpt.store import Store
 
 BATCH = 500
-DONE = Known(OK, "", False)  # in _classify: "succeeded before, for this same request"
+
+
+def row_check(custom_id: str, request_hash: str) -> int:
+    """The plan's fingerprint of a pending row (this process only: Python's str hash)."""
+    return hash((custom_id, request_hash))
 
 
 @dataclass
 class Plan:
     rows: int = 0  # valid rows in the input
-    done: int = 0  # succeeded before, for the same request
+    done: int = 0  # succeeded before (for this request, or kept by on_change: keep)
     failed_kept: int = 0  # failed permanently before; left alone without --retry-failed
-    changed: int = 0  # request changed since its result: sent again (on_change: rerun)
+    changed: int = 0  # request changed since its result (or failure): sent again
     changed_kept: int = 0  # request changed, old result kept (on_change: keep)
     retrying: int = 0  # failed before; sent again
     new: int = 0
@@ -35,31 +46,38 @@ class Plan:
     uncapped: int = 0  # rows to send that set no max_tokens
     offsets: array[int] = field(default_factory=lambda: array("q"))
     lines: array[int] = field(default_factory=lambda: array("q"))
+    checks: array[int] = field(default_factory=lambda: array("q"))
     changed_refused: int = 0  # request changed and on_change: error
     changed_examples: list[str] = field(default_factory=list)
+    failed_codes: Counter[str] = field(default_factory=Counter)  # of the failed_kept rows
+    with_result: int = 0  # rows with a result in the output (for this request or another)
 
     @property
     def to_send(self) -> int:
         return len(self.offsets)
 
-    def pending_positions(self) -> Iterator[tuple[int, int]]:
-        return zip(self.offsets, self.lines, strict=True)
+    def pending(self) -> Iterator[tuple[int, int, int]]:
+        """(offset, line, check) of each row to send, in file order."""
+        return zip(self.offsets, self.lines, self.checks, strict=True)
 
 
 def make_plan(
-    job: JobConfig, source: InputFile, store: Store, *, retry_failed: bool, limit: int | None
+    job: JobConfig, source: InputFile, store: Store | None, *, retry_failed: bool,
+    limit: int | None,
 ) -> Plan:
     """Raises InputError (every bad line) before returning anything, so a file with a
-    problem anywhere sends nothing."""
+    problem anywhere sends nothing. ``store`` None: plan as if nothing was ever done
+    (--fresh validates the input this way before setting the old results aside)."""
     plan = Plan()
+    adopt = store is not None and store.has_unadopted()
     batch: list[ScannedRow] = []
     for scanned in source.scan():
         batch.append(scanned)
         if len(batch) >= BATCH:
-            _classify(job, store, batch, plan, retry_failed, limit)
+            _classify(job, store, batch, plan, retry_failed, limit, adopt)
             batch = []
     if batch:
-        _classify(job, store, batch, plan, retry_failed, limit)
+        _classify(job, store, batch, plan, retry_failed, limit, adopt)
     if plan.changed_refused:
         raise ConfigError(
             f"{plan.changed_refused} rows changed since their result was written "
@@ -70,47 +88,59 @@ def make_plan(
 
 
 def _classify(
-    job: JobConfig, store: Store, batch: list[ScannedRow], plan: Plan, retry_failed: bool,
-    limit: int | None,
+    job: JobConfig, store: Store | None, batch: list[ScannedRow], plan: Plan,
+    retry_failed: bool, limit: int | None, adopt: bool,
 ) -> None:
-    unsettled = store.lookup_unsettled([(r.custom_id, r.request_hash) for r in batch])
-    if not unsettled:  # the whole batch succeeded before, for the same requests
-        plan.rows += len(batch)
-        plan.done += len(batch)
-        return
+    if store is None:
+        unsettled = None
+    else:
+        pairs = [(r.custom_id, r.request_hash) for r in batch]
+        if adopt:
+            store.adopt(pairs)
+        unsettled = store.unsettled(pairs)
+        if not unsettled:  # the whole batch succeeded before, for the same requests
+            plan.rows += len(batch)
+            plan.done += len(batch)
+            plan.with_result += len(batch)
+            return
     for scanned in batch:
         plan.rows += 1
-        k = unsettled.get(scanned.custom_id, DONE)
-        if k is DONE:
-            plan.done += 1
+        if unsettled is not None and scanned.custom_id not in unsettled:
+            plan.done += 1  # left out by the index: succeeded for this very request
+            plan.with_result += 1
             continue
-        if k is None:
+        s = None if unsettled is None else unsettled[scanned.custom_id]
+        if s is None or not (s.has_result or s.has_failure):
             plan.new += 1
-        elif k.req_hash != scanned.request_hash:
-            if k.status == OK and job.on_change != "rerun":
-                if job.on_change == "keep":
-                    plan.changed_kept += 1
-                    plan.done += 1
-                else:
-                    plan.changed_refused += 1
-                    if len(plan.changed_examples) < 5:
-                        plan.changed_examples.append(scanned.custom_id)
-                continue
-            plan.changed += 1
-        elif k.status == OK:
-            plan.done += 1
+        elif s.has_result and job.on_change != "rerun":
+            # An older result, and the job keeps it (or refuses to run).
+            plan.with_result += 1
+            if job.on_change == "keep":
+                plan.changed_kept += 1
+                plan.done += 1
+            else:
+                plan.changed_refused += 1
+                if len(plan.changed_examples) < 5:
+                    plan.changed_examples.append(scanned.custom_id)
             continue
-        elif k.status == FAILED:
-            if not (k.transient or retry_failed):
+        elif s.has_failure and s.failure_hash in (scanned.request_hash, None):
+            # This very request failed before (None: taken over from the failures file).
+            plan.with_result += s.has_result
+            if not (s.transient or retry_failed):
                 plan.failed_kept += 1
+                plan.failed_codes[s.error_code or "unknown"] += 1
                 continue
             plan.retrying += 1
+        else:  # a result or a failure for another request
+            plan.with_result += s.has_result
+            plan.changed += 1
         if limit is not None and len(plan.offsets) >= limit:
             plan.deferred += 1
             continue
         row = scanned.row  # the request is built only for the rows to send
         plan.offsets.append(scanned.offset)
         plan.lines.append(scanned.line)
+        plan.checks.append(row_check(scanned.custom_id, scanned.request_hash))
         plan.prompt_tokens += row.prompt_tokens
         cap = row.max_output_tokens
         if cap is None:

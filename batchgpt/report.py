@@ -1,13 +1,13 @@
 """What a run did and what it cost: counters kept during the run, the summary JSON, and
 the short table printed at the end.
 
-The summary has two halves: the job as a whole (every result in the output, cumulative
-across resumed runs, read from the checkpoint) and this run alone (counted as it went).
+The summary has two halves: the job as a whole (the rows of its current input by state,
+and what every run so far was charged, replaced results included) and this run alone
+(counted as it went). Its shape is :class:`batchgpt.summary.Summary`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -20,7 +20,18 @@ import aiofiles
 import aiofiles.os
 
 from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
-from batchgpt.store import Totals
+from batchgpt.store.index import Totals
+from batchgpt.summary import (
+    Latency,
+    Outcome,
+    PlanCounts,
+    Recovery,
+    Requests,
+    RunRequests,
+    StopReason,
+    Summary,
+    ThisRun,
+)
 
 LATENCY_SAMPLES = 20_000
 
@@ -35,7 +46,10 @@ class RunStats:
     failed: int = 0
     retries: int = 0
     rate_limited: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # every failed attempt, by code
+    first_errors: dict[str, str] = field(default_factory=dict)  # code → its first message
+    failed_codes: Counter[str] = field(default_factory=Counter)  # rows failed, by final code
+    failed_retryable: int = 0  # rows failed for a reason that may pass
     usage_by_model: dict[str, Usage] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     _seen_latencies: int = 0
@@ -43,6 +57,10 @@ class RunStats:
     def add_usage(self, model: str, usage: Usage) -> None:
         prev = self.usage_by_model.get(model)
         self.usage_by_model[model] = usage if prev is None else prev + usage
+
+    def add_error(self, code: str, message: str) -> None:
+        self.errors[code] += 1
+        self.first_errors.setdefault(code, message)
 
     def add_latency(self, seconds: float) -> None:
         self._seen_latencies += 1
@@ -86,78 +104,72 @@ def price_usage(
 def build_summary(
     *,
     job_name: str,
-    outcome: str,
-    stopped: str | None,
+    outcome: Outcome,
+    stopped: StopReason | None,
     message: str | None,
     started_at: str,
     finished_at: str,
     wall_time_s: float,
-    rows_total: int,
+    requests: Requests,
+    failed_by_code: Mapping[str, int],
     totals: Totals,
     stats: RunStats,
     pricing: Mapping[str, Price],
     output: Path,
     failures: Path,
-    pending: int,
-) -> dict[str, Any]:
-    cum_cost, unknown = price_usage(totals.usage_by_model, pricing)
+    plan: PlanCounts | None,
+    recovered: Recovery,
+) -> Summary:
+    """The job as a whole (the rows of its input, what every run so far was charged) and
+    this run alone."""
+    cum_cost, unknown = price_usage(totals.spend_by_model, pricing)
     run_cost, _ = price_usage(stats.usage_by_model, pricing)
     lat = sorted(stats.latencies)
     run_usage = stats.usage
     minutes = wall_time_s / 60 if wall_time_s > 0 else None
-    return {
-        "job": job_name,
-        "outcome": outcome,
-        "stopped": stopped,
-        "message": message,
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "wall_time_s": round(wall_time_s, 3),
-        "requests": {
-            "total": rows_total,
-            "succeeded": totals.succeeded,
-            "failed": totals.failed,
-            "pending": pending,
-        },
-        "failed_by_code": dict(sorted(totals.failed_by_code.items())),
-        "usage": totals.usage.model_dump(),
-        "cost_usd": cum_cost,
-        "cost_unknown_models": unknown,
-        "this_run": {
-            "requests": {
-                "sent": stats.sent,
-                "succeeded": stats.succeeded,
-                "failed": stats.failed,
-                "retries": stats.retries,
-                "rate_limited": stats.rate_limited,
-            },
-            "usage": run_usage.model_dump(),
-            "cost_usd": run_cost,
-            "wall_time_s": round(wall_time_s, 3),
-            "latency_s": {
-                "p50": percentile(lat, 0.50),
-                "p95": percentile(lat, 0.95),
-                "p99": percentile(lat, 0.99),
-                "max": lat[-1] if lat else None,
-            },
-            "errors_by_code": dict(sorted(stats.errors.items())),
-            "achieved_rpm": round(stats.sent / minutes, 1) if minutes else None,
-            "achieved_tpm": round(run_usage.total_tokens / minutes, 1) if minutes else None,
-        },
-        "output": str(output),
-        "failures": str(failures),
-    }
+    return Summary(
+        job=job_name,
+        outcome=outcome,
+        stopped=stopped,
+        message=message,
+        started_at=started_at,
+        finished_at=finished_at,
+        wall_time_s=round(wall_time_s, 3),
+        requests=requests,
+        failed_by_code=dict(sorted(failed_by_code.items())),
+        usage=sum(totals.spend_by_model.values(), Usage()),
+        cost_usd=cum_cost,
+        cost_unknown_models=unknown,
+        this_run=ThisRun(
+            requests=RunRequests(sent=stats.sent, succeeded=stats.succeeded,
+                                 failed=stats.failed, retries=stats.retries,
+                                 rate_limited=stats.rate_limited),
+            usage=run_usage,
+            cost_usd=run_cost,
+            wall_time_s=round(wall_time_s, 3),
+            latency_s=Latency(p50=percentile(lat, 0.50), p95=percentile(lat, 0.95),
+                              p99=percentile(lat, 0.99), max=lat[-1] if lat else None),
+            errors_by_code=dict(sorted(stats.errors.items())),
+            first_error_by_code=dict(sorted(stats.first_errors.items())),
+            achieved_rpm=round(stats.sent / minutes, 1) if minutes else None,
+            achieved_tpm=round(run_usage.total_tokens / minutes, 1) if minutes else None,
+            recovered=recovered,
+        ),
+        output=str(output),
+        failures=str(failures),
+        plan=plan,
+    )
 
 
 _fsync = aiofiles.os.wrap(os.fsync)
 
 
-async def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+async def write_summary(path: Path, summary: Summary) -> None:
     """Atomically (a monitoring script never reads half a file) and off the event loop
     (a slow disk must not stall requests still finishing during a graceful stop)."""
     tmp = path.with_name(path.name + ".tmp")
     async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
-        await fh.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        await fh.write(summary.to_json())
         await fh.flush()
         await _fsync(fh.fileno())
     await aiofiles.os.replace(tmp, path)
@@ -171,38 +183,48 @@ def _money(value: float | None) -> str:
     return "unknown" if value is None else f"${value:,.4f}"
 
 
-def render_table(summary: Mapping[str, Any]) -> str:
-    req = summary["requests"]
-    run = summary["this_run"]
-    rreq = run["requests"]
-    usage = summary["usage"]
-    rusage = run["usage"]
-    lat = run["latency_s"]
+def render_table(summary: Summary) -> str:
+    req = summary.requests
+    run = summary.this_run
+    rreq = run.requests
+    usage = summary.usage
+    rusage = run.usage
+    lat = run.latency_s
     rows = [
         ("", "this run", "job total"),
-        ("succeeded", _n(rreq["succeeded"]), _n(req["succeeded"])),
-        ("failed", _n(rreq["failed"]), _n(req["failed"])),
-        ("pending", "", _n(req["pending"])),
-        ("requests sent", _n(rreq["sent"]), ""),
-        ("retries / 429s", f"{_n(rreq['retries'])} / {_n(rreq['rate_limited'])}", ""),
-        ("prompt tokens", _n(rusage["prompt_tokens"]), _n(usage["prompt_tokens"])),
-        ("completion tokens", _n(rusage["completion_tokens"]), _n(usage["completion_tokens"])),
-        ("total tokens", _n(rusage["total_tokens"]), _n(usage["total_tokens"])),
-        ("cost", _money(run["cost_usd"]), _money(summary["cost_usd"])),
+        ("succeeded", _n(rreq.succeeded), _n(req.succeeded)),
+        ("failed", _n(rreq.failed), _n(req.failed)),
+        ("pending", "", _n(req.pending)),
+        ("requests sent", _n(rreq.sent), ""),
+        ("retries / 429s", f"{_n(rreq.retries)} / {_n(rreq.rate_limited)}", ""),
+        ("prompt tokens", _n(rusage.prompt_tokens), _n(usage.prompt_tokens)),
+        ("completion tokens", _n(rusage.completion_tokens), _n(usage.completion_tokens)),
+        ("total tokens", _n(rusage.total_tokens), _n(usage.total_tokens)),
+        ("cost", _money(run.cost_usd), _money(summary.cost_usd)),
     ]
-    if lat["p50"] is not None:
-        rows.append(("latency p50/p95", f"{lat['p50']:.3f}s / {lat['p95']:.3f}s", ""))
-    rows.append(("wall time", f"{summary['wall_time_s']:.1f}s", ""))
+    if lat.p50 is not None and lat.p95 is not None:
+        rows.append(("latency p50/p95", f"{lat.p50:.3f}s / {lat.p95:.3f}s", ""))
+    rows.append(("wall time", f"{summary.wall_time_s:.1f}s", ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"  {a:<{w0}}  {b:>{w1}}  {c:>12}".rstrip() for a, b, c in rows]
-    if summary.get("cost_unknown_models"):
+    if req.not_in_input:
+        lines.append(f"  {req.not_in_input:,} results in the output are for ids no longer in "
+                     "the input (kept)")
+    if summary.cost_unknown_models:
         lines.append(
             "  cost unknown for model(s) "
-            + ", ".join(summary["cost_unknown_models"])
+            + ", ".join(summary.cost_unknown_models)
             + ": add a `pricing:` block to the job file"
         )
-    if run["errors_by_code"]:
-        codes = ", ".join(f"{k} {v}" for k, v in run["errors_by_code"].items())
-        lines.append(f"  errors this run: {codes}")
+    if run.errors_by_code:
+        lines.append("  errors this run:")
+        for code, count in run.errors_by_code.items():
+            first = run.first_error_by_code.get(code)
+            lines.append(f"    {code} ×{count}" + (f": {_short(first)}" if first else ""))
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

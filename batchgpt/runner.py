@@ -1,38 +1,41 @@
 """The pipeline: plan → pace → send → retry → checkpoint → report.
 
-``run_job`` is the library entry point the CLI wraps. One run: lock the job's state,
-repair the output, validate the whole input and work out what is pending (nothing is
-sent if any line is bad), then stream the pending rows through a bounded set of workers.
-Each worker takes its row through the limiter, the client and the retry decision until
-the row succeeds, fails for good, or the run stops; its concurrency slot is held until
-the row's outcome is durably committed, which bounds what a kill can cost.
+``run_job`` is the library entry point the CLI wraps. One run: lock the job's state and
+bring its index in line with the output, validate the whole input and work out what is
+pending (nothing is sent if any line is bad), then stream the pending rows through a
+bounded set of workers. Each worker takes its row through the limiter, the client and the
+retry decision until the row succeeds, fails for good, or the run stops; its concurrency
+slot is held until the row's outcome is durably committed, which bounds what a kill can
+cost. Every wait (backoff, the grace period, housekeeping) goes through a
+:class:`~batchgpt.clock.Clock`, so tests drive time instead of sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
 import signal
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
-from batchgpt.errors import BatchGPTError, ConfigError, RequestTooLarge, RunStopped
+from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge
 from batchgpt.limiter import RateLimiter
-from batchgpt.plan import Plan, make_plan
+from batchgpt.plan import Plan, make_plan, row_check
 from batchgpt.pricing import Usage, cost_usd, resolve_price
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
-from batchgpt.store import Store, now_iso
+from batchgpt.store import Store, encode_line, now_iso
+from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
+from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
 
 if TYPE_CHECKING:  # the openai SDK takes ~1.5 s to import: only runs that send load it
     from batchgpt.client import Attempt, ChatClient
@@ -42,14 +45,7 @@ log = logging.getLogger("batchgpt")
 DEFAULT_MAX_CONCURRENCY = 1024
 MIN_CONCURRENCY = 4
 PROGRESS_EVERY_S = 10.0
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_ROWS_FAILED = 3
-EXIT_BUDGET = 4
-EXIT_LOCKED = 75
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+HOUSEKEEPING_S = 0.5
 
 
 @dataclass
@@ -65,17 +61,24 @@ class RunOptions:
     grace_s: float = 30.0  # after a first signal, how long in-flight requests may finish
     progress: Callable[[dict[str, Any]], None] | None = None  # called with live figures
     sandbox_config: Any = None  # a simulator.SimulatorConfig for --sandbox
+    clock: Clock | None = None  # time for backoff, grace and housekeeping (tests: FakeClock)
 
 
 @dataclass
 class RunResult:
-    outcome: str  # completed | failed_rows | stopped | interrupted | nothing_to_do | dry_run
+    outcome: Outcome
     exit_code: int
-    summary: dict[str, Any]
+    report: Summary | None  # the summary, typed (None for a dry run)
     plan: Plan
     message: str = ""
     table: str = ""
     estimate: dict[str, Any] = field(default_factory=dict)
+    set_aside: list[tuple[Path, Path]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The summary as the summary file holds it (JSON types), {} for a dry run."""
+        return {} if self.report is None else self.report.model_dump(mode="json")
 
 
 class Slots:
@@ -109,20 +112,22 @@ class _Run:
     """State of one run; the methods are the pipeline's stages."""
 
     def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                 source: InputFile) -> None:
+                 source: InputFile, clock: Clock) -> None:
         self.job = job
         self.options = options
         self.store = store
         self.plan = plan
         self.source = source
+        self.clock = clock
         self.stats = RunStats()
         lim = job.limits
-        self.limiter = RateLimiter(lim.rpm, lim.tpm)
+        self.limiter = RateLimiter(lim.rpm, lim.tpm, clock=clock)
         self.cap = lim.concurrency or DEFAULT_MAX_CONCURRENCY
         self.slots = Slots(self._initial_concurrency())
-        self.stop_reason: str | None = None  # quota | authentication | budget | signal ...
+        self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
         self.stop_exit: int | None = None
+        self.crash_file: Path | None = None
         self.stopping = asyncio.Event()
         self.abandon = asyncio.Event()
         self.waiting_tasks: set[asyncio.Task[None]] = set()
@@ -130,7 +135,6 @@ class _Run:
         self.latency_ema: float | None = None
         self.spent = 0.0
         self.reserved = 0.0
-        self.price = resolve_price(job.model, job.pricing) if job.model else None
         self.client: ChatClient | None = None
 
     # -- concurrency --------------------------------------------------------------------
@@ -141,7 +145,8 @@ class _Run:
             rates.append(rpm / 60)
         if tpm and self.plan.to_send:
             avg_cost = max(1.0, (self.plan.prompt_tokens + self.plan.max_completion_tokens
-                                 + 256 * self.plan.uncapped) / self.plan.to_send)
+                                 + DEFAULT_OUTPUT_RESERVE * self.plan.uncapped)
+                           / self.plan.to_send)
             rates.append(tpm / 60 / avg_cost)
         return min(rates) if rates else None
 
@@ -165,7 +170,7 @@ class _Run:
         return max(MIN_CONCURRENCY, min(self.cap, want))
 
     # -- stopping -----------------------------------------------------------------------
-    def request_stop(self, reason: str, message: str, exit_code: int) -> None:
+    def request_stop(self, reason: StopReason, message: str, exit_code: int) -> None:
         if self.stop_reason is None:
             self.stop_reason, self.stop_message, self.stop_exit = reason, message, exit_code
             log.warning("stopping: %s", message)
@@ -174,16 +179,16 @@ class _Run:
             task.cancel()
 
     def on_signal(self, signum: int) -> None:
-        if self.stopping.is_set() and self.stop_reason == "signal":
+        if self.stopping.is_set() and self.stop_reason is StopReason.SIGNAL:
             log.warning("second signal: abandoning requests in flight")
             self.abandon.set()
             for task in list(self.tasks):
                 task.cancel()
             return
         name = signal.Signals(signum).name
-        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        code = ExitCode.SIGINT if signum == signal.SIGINT else ExitCode.SIGTERM
         self.request_stop(
-            "signal",
+            StopReason.SIGNAL,
             f"{name} received: finishing requests in flight (up to {self.options.grace_s:g}s; "
             "a second signal abandons them)",
             code,
@@ -192,10 +197,10 @@ class _Run:
     # -- budget -------------------------------------------------------------------------
     def _max_cost(self, row: Row) -> float | None:
         price = resolve_price(row.body.get("model", ""), self.job.pricing)
-        cap = row.max_output_tokens
         if price is None:
             return None
-        out = cap if cap is not None else 4096
+        cap = row.max_output_tokens
+        out = cap if cap is not None else DEFAULT_OUTPUT_RESERVE
         return cost_usd(Usage(prompt_tokens=row.prompt_tokens, completion_tokens=out,
                               total_tokens=row.prompt_tokens + out), price)
 
@@ -207,19 +212,40 @@ class _Run:
         worst = self._max_cost(row) or 0.0
         if self.spent + self.reserved + worst > cap:
             self.request_stop(
-                "budget",
+                StopReason.BUDGET,
                 f"budget: ${self.spent:.4f} spent and ${self.reserved:.4f} in flight; the next "
                 f"row could cost up to ${worst:.4f}, over limits.max_cost_usd ${cap:g}",
-                EXIT_BUDGET,
+                ExitCode.BUDGET,
             )
             return None
         self.reserved += worst
         return worst
 
     # -- the pipeline -------------------------------------------------------------------
+    def pending_rows(self) -> Iterator[Row]:
+        """The planned rows, re-read by offset, each checked against the plan: an input
+        rewritten or cut during the run must stop it, not send other rows than planned."""
+        plan = self.plan
+        rows = self.source.read_at(zip(plan.offsets, plan.lines, strict=True))
+        for check, line in zip(plan.checks, plan.lines, strict=True):
+            try:
+                row: Row | None = next(rows)
+            except Exception as exc:  # the line is gone, cut, or no longer valid
+                row, why = None, f"{type(exc).__name__}: {exc}"[:200]
+            else:
+                why = "another row is there now"
+            if row is None or row_check(row.custom_id, row.request_hash) != check:
+                self.request_stop(
+                    StopReason.INPUT_CHANGED,
+                    f"{self.source.path}:{line}: the input changed during the run ({why}); "
+                    "nothing more is sent. Rerun to continue with the input as it is now",
+                    ExitCode.ERROR,
+                )
+                return
+            yield row
+
     async def dispatch(self) -> None:
-        rows = self.source.read_at(self.plan.pending_positions())
-        for row in rows:
+        for row in self.pending_rows():
             if self.stopping.is_set():
                 break
             await self.slots.acquire()
@@ -243,16 +269,28 @@ class _Run:
             await self._attempts(row, me)
         except asyncio.CancelledError:
             pass  # the row stays pending: the next run sends it
-        except BatchGPTError as exc:  # the checkpoint can't be written: disk full, ...
-            self.request_stop("storage", str(exc), EXIT_ERROR)
+        except BatchGPTError as exc:  # a result could not be written: disk full, ...
+            self.request_stop(StopReason.STORAGE, str(exc), ExitCode.ERROR)
         except Exception as exc:  # a bug must not keep spending: stop, keep what is done
-            log.exception("internal error on row %s", row.custom_id)
-            self.request_stop("internal error", f"internal error: {type(exc).__name__}: {exc}",
-                              EXIT_ERROR)
+            self._internal_error(exc, row)
         finally:
             self.waiting_tasks.discard(me)
             self.reserved -= reserved
             await self.slots.release()
+
+    def _internal_error(self, exc: Exception, row: Row) -> None:
+        from batchgpt.crash import write_crash_report
+
+        try:
+            self.crash_file = write_crash_report(exc, self.job.state_dir)
+            where = f"; the traceback is in {self.crash_file}"
+        except OSError:
+            where = ""
+        self.request_stop(
+            StopReason.INTERNAL_ERROR,
+            f"internal error on row {row.custom_id!r}: {type(exc).__name__}: {exc}{where}",
+            ExitCode.SOFTWARE,
+        )
 
     async def _attempts(self, row: Row, me: asyncio.Task[None]) -> None:
         assert self.client is not None
@@ -281,7 +319,7 @@ class _Run:
                 return
             failure = result.failure
             assert failure is not None
-            self.stats.errors[failure.error_code] += 1
+            self.stats.add_error(failure.error_code, failure.message)
             if failure.is_rate_limit:
                 self.stats.rate_limited += 1
             decision = decide(failure, attempt, policy)
@@ -294,13 +332,13 @@ class _Run:
                 self.waiting_tasks.add(me)
                 if self.stopping.is_set():
                     return
-                await asyncio.sleep(decision.delay_s)
+                await self.clock.sleep(decision.delay_s)
                 continue
             if decision.action is Action.FAIL_ROW:
                 await self._fail(row, failure, attempt, decision.transient)
                 return
-            self.request_stop(decision.reason, _stop_message(decision.reason, failure),
-                              EXIT_ERROR)
+            reason = _STOP_REASONS.get(decision.reason, StopReason.RATE_LIMIT)
+            self.request_stop(reason, _stop_message(decision.reason, failure), ExitCode.ERROR)
             return
 
     def _observe(self, result: Attempt) -> None:
@@ -315,15 +353,15 @@ class _Run:
         echoed = body.get("model")
         model: str = echoed if isinstance(echoed, str) else row.body["model"]
         usage = Usage.from_response(body.get("usage"))
-        line = {
+        line = encode_line({
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": row.custom_id,
             "response": {"status_code": 200, "request_id": success.request_id, "body": body},
             "error": None,
-        }
-        data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        await self.store.put_success(row.custom_id, row.request_hash, data, attempts, model,
-                                     usage)
+        })
+        writer = self.store.writer
+        assert writer is not None
+        await writer.put_result(row.custom_id, row.request_hash, line, attempts, model, usage)
         self.limiter.record_success()
         self.stats.succeeded += 1
         self.stats.add_usage(model, usage)
@@ -336,7 +374,7 @@ class _Run:
         if failure.status is not None:
             response = {"status_code": failure.status, "request_id": failure.request_id,
                         "body": failure.body}
-        line = {
+        line = encode_line({
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": row.custom_id,
             "response": response,
@@ -348,22 +386,26 @@ class _Run:
                 "attempts": attempts,
                 "retryable": transient,
             },
-        }
-        data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
-        await self.store.put_failure(row.custom_id, row.request_hash, data, attempts,
-                                     failure.error_code, transient)
+        })
+        writer = self.store.writer
+        assert writer is not None
+        await writer.put_failure(row.custom_id, row.request_hash, line, attempts,
+                                 failure.error_code, transient)
         self.stats.failed += 1
+        self.stats.failed_codes[failure.error_code] += 1
+        if transient:
+            self.stats.failed_retryable += 1
         log.debug("row %s failed: %s (%s)", row.custom_id, failure.error_code, failure.message)
 
     async def housekeeping(self, total: int, started: float) -> None:
         """Resize concurrency to what the limits need, and report progress."""
-        last_report = time.monotonic()
+        last_report = self.clock.monotonic()
         while True:
-            await asyncio.sleep(0.5)
+            await self.clock.sleep(HOUSEKEEPING_S)
             target = self._target_concurrency()
             if target != self.slots.limit:
                 await self.slots.resize(target)
-            now = time.monotonic()
+            now = self.clock.monotonic()
             figures = self.figures(total, started)
             if self.options.progress is not None:
                 self.options.progress(figures)
@@ -377,7 +419,7 @@ class _Run:
                 )
 
     def figures(self, total: int, started: float) -> dict[str, Any]:
-        elapsed = max(1e-6, time.monotonic() - started)
+        elapsed = max(1e-6, self.clock.monotonic() - started)
         usage = self.stats.usage
         return {
             "done": self.stats.succeeded, "failed": self.stats.failed, "total": total,
@@ -386,6 +428,15 @@ class _Run:
             "limit_rpm": self.limiter.effective_rpm, "limit_tpm": self.limiter.effective_tpm,
             "elapsed_s": elapsed,
         }
+
+
+_STOP_REASONS = {
+    "quota": StopReason.QUOTA,
+    "authentication": StopReason.AUTHENTICATION,
+    "permission": StopReason.PERMISSION,
+    "model not found": StopReason.MODEL_NOT_FOUND,
+    "invalid URL": StopReason.INVALID_URL,
+}
 
 
 def _stop_message(reason: str, failure: Failure) -> str:
@@ -407,21 +458,37 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     store = Store(job)
     if options.dry_run:
         store.open_readonly()
+        for message in store.recovery.messages(store.out.path, dry=True):
+            log.warning("dry run: %s", message)
     else:
         store.open()
     try:
-        if options.fresh:
-            store.reset()
         source = InputFile(job)
-        plan = make_plan(job, source, store, retry_failed=options.retry_failed,
-                         limit=options.limit)
+        # --fresh plans as if nothing was done, which validates the whole input before
+        # anything is set aside.
+        plan = make_plan(job, source, None if options.fresh else store,
+                         retry_failed=options.retry_failed, limit=options.limit)
         if options.dry_run:
             from batchgpt.estimate import estimate
 
             est = estimate(job, plan)
-            return RunResult("dry_run", EXIT_OK, {}, plan, estimate=est)
+            if options.fresh:
+                est["would_set_aside"] = {str(src): str(dst)
+                                          for src, dst in store.previous_files()}
+            return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est)
         _check_budget_prices(job)
-        return await _execute(job, options, store, plan, source)
+        if plan.to_send and not options.sandbox:
+            from batchgpt.client import resolve_credentials
+
+            resolve_credentials(job.api, None)  # a missing or bad key: before anything moves
+        moved: list[tuple[Path, Path]] = []
+        if options.fresh:
+            moved = store.set_aside_previous()
+            for src, dst in moved:
+                log.info("--fresh: moved %s to %s", src, dst)
+        result = await _execute(job, options, store, plan, source)
+        result.set_aside = moved
+        return result
     finally:
         store.close()
 
@@ -438,9 +505,10 @@ def _check_budget_prices(job: JobConfig) -> None:
 
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
                    source: InputFile) -> RunResult:
+    clock = options.clock or SystemClock()
     started_at = now_iso()
-    t0 = time.monotonic()
-    run = _Run(job, options, store, plan, source)
+    t0 = clock.monotonic()
+    run = _Run(job, options, store, plan, source, clock)
     store.start_run()
     describe = (f"{plan.rows} rows: {plan.done} done before, {plan.to_send} to send "
                 f"({plan.new} new, {plan.retrying} retried, {plan.changed} changed since their "
@@ -498,39 +566,60 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
         if sim is not None:
             await sim.stop()
     store.finalize()
+    return await _report(job, store, plan, run, started_at, clock.monotonic() - t0)
+
+
+async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_at: str,
+                  wall: float) -> RunResult:
+    stats = run.stats
     totals = store.totals()
     # Rows of this input not resolved: those this run didn't get to, and those --limit left.
-    unresolved = plan.to_send - run.stats.succeeded - run.stats.failed
-    pending = unresolved + plan.deferred
+    unresolved = plan.to_send - stats.succeeded - stats.failed
     if run.stop_reason is None and unresolved:
         # Every path that leaves a row unresolved should have said why; never call it done.
-        run.request_stop("incomplete", f"{unresolved} rows were not resolved; rerun to "
-                         "send them", EXIT_ERROR)
+        run.request_stop(StopReason.INCOMPLETE, f"{unresolved} rows were not resolved; rerun "
+                         "to send them", ExitCode.ERROR)
+    succeeded = plan.done + stats.succeeded
+    failed = plan.failed_kept + stats.failed
+    replaced = store.writer.replaced if store.writer is not None else 0
+    in_input = plan.with_result + stats.succeeded - replaced
+    requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
+                        pending=plan.rows - succeeded - failed,
+                        not_in_input=max(0, totals.results - in_input))
     if run.stop_reason is not None:
-        outcome = "interrupted" if run.stop_reason == "signal" else "stopped"
-        exit_code = run.stop_exit or EXIT_ERROR
-    elif totals.failed:
-        outcome, exit_code = "failed_rows", EXIT_ROWS_FAILED
+        outcome = (Outcome.INTERRUPTED if run.stop_reason is StopReason.SIGNAL
+                   else Outcome.ERROR if run.stop_reason is StopReason.INTERNAL_ERROR
+                   else Outcome.STOPPED)
+        exit_code = run.stop_exit or ExitCode.ERROR
+    elif stats.failed_retryable:
+        outcome, exit_code = Outcome.RETRYABLE_ROWS, ExitCode.ROWS_RETRYABLE
+    elif failed:
+        outcome, exit_code = Outcome.FAILED_ROWS, ExitCode.ROWS_FAILED
     else:
-        outcome, exit_code = "completed", EXIT_OK
-    wall = time.monotonic() - t0
+        outcome, exit_code = Outcome.COMPLETED, ExitCode.OK
+    rec = store.recovery
     summary = build_summary(
         job_name=job.job_name, outcome=outcome, stopped=run.stop_reason,
         message=run.stop_message, started_at=started_at, finished_at=now_iso(),
-        wall_time_s=wall, rows_total=plan.rows, totals=totals, stats=run.stats,
+        wall_time_s=wall, requests=requests,
+        failed_by_code=plan.failed_codes + stats.failed_codes, totals=totals, stats=stats,
         pricing=job.pricing, output=Path(job.output), failures=job.failures_path,
-        pending=pending,
+        plan=PlanCounts(to_send=plan.to_send, new=plan.new, retried=plan.retrying,
+                        changed=plan.changed, changed_kept=plan.changed_kept,
+                        already_done=plan.done, failed_kept=plan.failed_kept,
+                        deferred=plan.deferred),
+        recovered=Recovery(taken_over=rec.taken_over, lost=rec.lost,
+                           set_aside=[str(p) for p in rec.set_aside]),
     )
-    summary["plan"] = {"to_send": plan.to_send, "new": plan.new, "retried": plan.retrying,
-                       "changed": plan.changed, "changed_kept": plan.changed_kept,
-                       "already_done": plan.done, "failed_kept": plan.failed_kept,
-                       "deferred": plan.deferred}
-    await write_summary(job.summary_path, summary)
-    store.finish_run(outcome, summary)
-    if outcome == "completed" and not plan.to_send:
-        outcome_line = f"nothing to do: all {totals.succeeded} rows already succeeded"
+    try:
+        await write_summary(job.summary_path, summary)
+        store.finish_run(outcome.value, summary.model_dump_json())
+    except (OSError, BatchGPTError) as exc:
+        log.warning("cannot write %s: %s", job.summary_path, getattr(exc, "strerror", exc))
+    if outcome is Outcome.COMPLETED and not plan.to_send:
+        outcome_line = f"nothing to do: all {succeeded} rows already succeeded"
     else:
-        outcome_line = _outcome_line(outcome, summary, run.stop_message)
+        outcome_line = _outcome_line(summary)
     return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
                      table=render_table(summary))
 
@@ -543,11 +632,12 @@ async def _wait_with_grace(run: _Run, dispatch: asyncio.Task[None], grace_s: flo
             dispatch.result()
             return
         # Stopping: in-flight requests get the grace period (a signal) or finish (others).
-        timeout = grace_s if run.stop_reason == "signal" else None
-        abandon = asyncio.create_task(run.abandon.wait())
-        done, _ = await asyncio.wait({dispatch, abandon}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        abandon.cancel()
+        waits: set[asyncio.Task[Any]] = {dispatch, asyncio.create_task(run.abandon.wait())}
+        if run.stop_reason is StopReason.SIGNAL:
+            waits.add(asyncio.create_task(run.clock.sleep(grace_s)))
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits - {dispatch}:
+            task.cancel()
         if dispatch not in done:
             for task in list(run.tasks):
                 task.cancel()
@@ -560,20 +650,26 @@ async def _wait_with_grace(run: _Run, dispatch: asyncio.Task[None], grace_s: flo
         stop_wait.cancel()
 
 
-def _outcome_line(outcome: str, summary: dict[str, Any], message: str | None) -> str:
-    req = summary["requests"]
-    where = summary["output"]
-    if outcome == "completed":
-        extra = f", {req['pending']} pending (--limit)" if req["pending"] else ""
-        return f"done: {req['succeeded']} rows succeeded{extra}; output in {where}"
-    if outcome == "failed_rows":
-        return (f"finished with {req['failed']} failed rows ({req['succeeded']} succeeded); "
-                f"see {summary['failures']}; output in {where}")
-    if outcome == "interrupted":
-        return (f"interrupted: {req['succeeded']} succeeded, {req['pending']} pending; rerun to "
+def _outcome_line(summary: Summary) -> str:
+    req = summary.requests
+    where = summary.output
+    outcome = summary.outcome
+    if outcome is Outcome.COMPLETED:
+        extra = f", {req.pending} pending (--limit)" if req.pending else ""
+        return f"done: {req.succeeded} rows succeeded{extra}; output in {where}"
+    if outcome is Outcome.FAILED_ROWS:
+        return (f"finished with {req.failed} failed rows ({req.succeeded} succeeded); "
+                f"see {summary.failures}; output in {where}")
+    if outcome is Outcome.RETRYABLE_ROWS:
+        return (f"finished with {req.failed} failed rows ({req.succeeded} succeeded), some "
+                f"for reasons that may pass: rerun later to send them again; see "
+                f"{summary.failures}; output in {where}")
+    if outcome is Outcome.INTERRUPTED:
+        return (f"interrupted: {req.succeeded} succeeded, {req.pending} pending; rerun to "
                 f"continue; output in {where}")
-    return (f"stopped ({summary['stopped']}): {message}; {req['succeeded']} succeeded, "
-            f"{req['pending']} pending; output in {where}")
+    stopped = summary.stopped.value if summary.stopped is not None else "?"
+    return (f"stopped ({stopped}): {summary.message}; {req.succeeded} succeeded, "
+            f"{req.pending} pending; output in {where}")
 
 
 def run_job_sync(job: JobConfig | str | os.PathLike[str], options: RunOptions | None = None,
@@ -584,4 +680,4 @@ def run_job_sync(job: JobConfig | str | os.PathLike[str], options: RunOptions | 
     return asyncio.run(run_job(job, options))
 
 
-__all__ = ["BatchGPTError", "RunOptions", "RunResult", "RunStopped", "run_job", "run_job_sync"]
+__all__ = ["BatchGPTError", "RunOptions", "RunResult", "run_job", "run_job_sync"]

@@ -3,9 +3,11 @@ lock taken, safe while a run is going."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from batchgpt.config import JobConfig
+from batchgpt.pricing import Usage
 from batchgpt.report import price_usage
 from batchgpt.store import JobLock, Store
 
@@ -27,8 +29,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         "locked_by": JobLock.holder(job.state_dir) if job.state_dir.exists() else None,
     }
     rows = _count_input_lines(job)
-    db_path = job.state_dir / "rows.sqlite"
-    if not db_path.exists():
+    if not job.state_dir.exists() and not Path(job.output).exists():
         info.update(started=False, requests={"total": rows, "succeeded": 0, "failed": 0,
                                              "pending": rows},
                     failed_by_code={}, usage=None, cost_usd=None, last_run=None)
@@ -37,20 +38,24 @@ def job_status(job: JobConfig) -> dict[str, Any]:
     store.open_readonly()
     try:
         totals = store.totals()
-        last = store.last_run()
+        codes = store.failure_codes()
+        last = store.index.last_run()
+        recovery = store.recovery
     finally:
         store.close()
-    cost, unknown = price_usage(totals.usage_by_model, job.pricing)
-    pending = None if rows is None else max(0, rows - totals.succeeded - totals.failed)
+    cost, unknown = price_usage(totals.spend_by_model, job.pricing)
+    pending = None if rows is None else max(0, rows - totals.results - totals.failures)
     info.update(
         started=True,
-        requests={"total": rows, "succeeded": totals.succeeded, "failed": totals.failed,
+        requests={"total": rows, "succeeded": totals.results, "failed": totals.failures,
                   "pending": pending},
-        failed_by_code=totals.failed_by_code,
-        usage=totals.usage.model_dump(),
+        failed_by_code=codes,
+        usage=sum(totals.spend_by_model.values(), Usage()).model_dump(),
         cost_usd=cost,
         cost_unknown_models=unknown,
         last_run=last,
+        needs_recovery={"take_over": recovery.taken_over, "lost": recovery.lost,
+                        "torn_bytes": recovery.torn_bytes},
     )
     return info
 

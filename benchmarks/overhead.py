@@ -472,7 +472,7 @@ def components(stats: pstats.Stats) -> tuple[list[tuple[str, float]], float]:
 
 class CommitTimer:
     """Times the checkpoint's group commit (which runs in a worker thread the profiler
-    does not see) by wrapping Store._commit and os.fsync for the duration of one run."""
+    does not see) by wrapping GroupWriter._commit and os.fsync for the duration of one run."""
 
     def __init__(self) -> None:
         self.commits = 0
@@ -485,9 +485,9 @@ class CommitTimer:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        from batchgpt import store as store_mod
+        from batchgpt.store import writer as writer_mod
 
-        orig_commit = store_mod.Store._commit
+        orig_commit = writer_mod.GroupWriter._commit
         orig_fsync = os.fsync
         timer = self
 
@@ -511,12 +511,12 @@ class CommitTimer:
                     timer.fsyncs += 1
                     timer.fsync_wall += time.perf_counter() - t0
 
-        store_mod.Store._commit = commit  # type: ignore[method-assign]
+        writer_mod.GroupWriter._commit = commit  # type: ignore[method-assign]
         os.fsync = fsync
         try:
             yield
         finally:
-            store_mod.Store._commit = orig_commit  # type: ignore[method-assign]
+            writer_mod.GroupWriter._commit = orig_commit  # type: ignore[method-assign]
             os.fsync = orig_fsync
 
 

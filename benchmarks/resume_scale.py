@@ -11,7 +11,8 @@ What it does, in a temp folder under /tmp (removed at the end):
 
 1. writes a 1,000,000-line template-form input (``{"id", "text"}``, ~200-char texts);
 2. builds the COMPLETED state for it with batchgpt's own Store, the write path a run uses
-   (``Store._commit``: output lines appended and fsynced, then one SQLite transaction),
+   (``GroupWriter._commit``'s steps: output lines appended and fsynced, then one SQLite
+   transaction),
    in batches of 50,000 rows, with the simulator's reply for each row — nothing is sent;
 3. starts the simulator as a separate process and times ``batchgpt run JOB`` (a
    subprocess under /usr/bin/time: start to exit, peak RSS) three times; the simulator must
@@ -45,7 +46,8 @@ from batchgpt.config import JobConfig
 from batchgpt.pricing import Usage
 from batchgpt.simulator import completion_for
 from batchgpt.source import InputFile
-from batchgpt.store import OK, Store, _Pending
+from batchgpt.store import Store
+from batchgpt.store.index import NewResult
 
 WORDS = [
     "council", "budget", "river", "school", "market", "weather", "harbour", "festival",
@@ -97,8 +99,18 @@ def build_completed_state(job_path: Path) -> int:
     store = Store(job)
     store.open()
     store.start_run()
-    batch: list[_Pending] = []
+    batch: list[tuple[NewResult, bytes]] = []
     n = 0
+
+    def commit(items: list[tuple[NewResult, bytes]]) -> None:
+        start, fingerprint = store.out.append(b"".join(data for _, data in items))
+        for result, data in items:
+            result.off = start
+            start += len(data)
+        store.index.commit([r for r, _ in items], [], store.run_id,
+                           output_size=store.out.size, output_crc=store.out.crc,
+                           fingerprint=fingerprint.dumps())
+
     try:
         for scanned in InputFile(job).scan():
             row = scanned.row
@@ -108,16 +120,16 @@ def build_completed_state(job_path: Path) -> int:
                     "response": {"status_code": 200, "request_id": f"req_{n + len(batch):032x}",
                                  "body": reply}, "error": None}
             data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-            batch.append(_Pending(row.custom_id, row.request_hash, OK, data, 1,
-                                  reply["model"], usage))
+            batch.append((NewResult(row.custom_id, row.request_hash, 0, len(data), 1,
+                                    reply["model"], usage), data))
             if len(batch) >= COMMIT_BATCH:
-                store._commit(batch)
+                commit(batch)
                 n += len(batch)
                 batch = []
         if batch:
-            store._commit(batch)
+            commit(batch)
             n += len(batch)
-        store.finish_run("completed", {})
+        store.finish_run("completed", "{}")
     finally:
         store.close()
     return n

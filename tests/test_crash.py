@@ -112,11 +112,19 @@ def committed(job: JobFiles) -> tuple[set[str], int]:
     db_path = job.output.with_name("job.state") / "rows.sqlite"
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        ids = {cid for (cid,) in db.execute("SELECT custom_id FROM rows WHERE status = 1")}
+        ids = {cid for (cid,) in db.execute("SELECT custom_id FROM results")}
         row = db.execute("SELECT value FROM meta WHERE key = 'output_size'").fetchone()
     finally:
         db.close()
     return ids, int(row[0]) if row else 0
+
+
+def complete_line_ids(job: JobFiles) -> set[str]:
+    """Ids of the whole result lines in the output, committed or not: all of them are
+    paid results, and none of them may be sent again."""
+    data = job.output.read_bytes() if job.output.exists() else b""
+    return {json.loads(line)["custom_id"] for line in data.splitlines(keepends=True)
+            if line.endswith(b"\n")}
 
 
 def output_lines(job: JobFiles) -> list[dict[str, Any]]:
@@ -168,37 +176,38 @@ def test_sigkill_at_random_points_then_rerun_answers_every_row_exactly_once(
     kills = 4
     # Kill once the output holds this many lines; each run resumes and goes further.
     points = sorted(rng.sample(range(10, ROWS - 10), kills))
-    done_before: set[str] = set()
+    written_before: set[str] = set()
     for point in points:
         start = len(sim.stats.bodies)
         run = Cli(job)
         run.until(f"{point} output lines", has_lines(job.output, point))
         run.kill(signal.SIGKILL)
         assert run.wait() == -signal.SIGKILL
-        # Nothing committed before this run was sent again by it.
-        resent = done_before & set(sent_ids(sim, start))
-        assert not resent, f"rows committed before were sent again: {sorted(resent)[:10]}"
+        # Nothing written to the output before this run was sent again by it.
+        resent = written_before & set(sent_ids(sim, start))
+        assert not resent, f"rows in the output before were sent again: {sorted(resent)[:10]}"
         # Whatever the checkpoint counts as done is durably in the output, as whole lines.
         done, size = committed(job)
         data = job.output.read_bytes()
         assert len(data) >= size
         prefix = [json.loads(line) for line in data[:size].splitlines()]
         assert {p["custom_id"] for p in prefix} == done and len(prefix) == len(done)
-        assert done >= done_before  # a kill never loses what an earlier run committed
-        done_before = done
+        written = complete_line_ids(job)
+        assert written >= done >= written_before  # a kill never loses what was written
+        written_before = written
 
     start = len(sim.stats.bodies)
     final = Cli(job)
     assert final.wait() == 0, final.stderr
-    assert not (done_before & set(sent_ids(sim, start)))
+    assert not (written_before & set(sent_ids(sim, start)))
     lines = assert_every_row_once(job)
 
     sent = sent_ids(sim)
     assert set(sent) == set(IDS)
     extra = sum(sent.values()) - ROWS
     again = [cid for cid, n in sent.items() if n > 1]
-    # Only requests in flight at a kill can be sent again; a worker holds its concurrency
-    # slot until its result is committed, so that is at most `concurrency` rows per kill.
+    # Only requests in flight at a kill (sent, answer not yet written) can be sent again:
+    # at most `concurrency` rows per kill. Written but uncommitted lines are taken over.
     assert extra <= kills * CONCURRENCY, f"{extra} requests repeated over {kills} kills"
     assert len(again) <= kills * CONCURRENCY
     assert max(sent.values()) <= 1 + kills
@@ -206,7 +215,7 @@ def test_sigkill_at_random_points_then_rerun_answers_every_row_exactly_once(
     summary = job.summary()
     assert summary["outcome"] == "completed"
     assert summary["requests"] == {"total": ROWS, "succeeded": ROWS, "failed": 0,
-                                   "pending": 0}
+                                   "pending": 0, "not_in_input": 0}
     assert_usage_matches_output(job, lines)
     assert "Traceback" not in final.stderr
 
@@ -220,7 +229,7 @@ def _half_line(custom_id: str) -> bytes:
     return line[: len(line) // 2]
 
 
-def test_torn_last_line_is_cut_and_its_row_still_answered_once(
+def test_torn_last_line_is_set_aside_and_its_row_still_answered_once(
     crash_job: JobFiles, fast_sim: Simulator
 ) -> None:
     job, sim = crash_job, fast_sim
@@ -228,26 +237,32 @@ def test_torn_last_line_is_cut_and_its_row_still_answered_once(
     run.until("100 output lines", lambda: line_count(job.output) >= 100)
     run.kill()
     run.wait()
-    done, size = committed(job)
-    pending = sorted(set(IDS) - done)
+    _done, _size = committed(job)
+    written = complete_line_ids(job)
+    pending = sorted(set(IDS) - written)
     victim = pending[len(pending) // 2]
+    torn = _half_line(victim)
     with job.output.open("ab") as fh:  # what a crash mid-write leaves: half a line
-        fh.write(_half_line(victim))
-    kept = job.output.read_bytes()[:size]
+        fh.write(torn)
+    kept = job.output.read_bytes()[: -len(torn)]
 
     start = len(sim.stats.bodies)
     rerun = Cli(job)
     assert rerun.wait() == 0, rerun.stderr
     assert "Traceback" not in rerun.stderr
-    assert job.output.read_bytes().startswith(kept)  # committed results untouched
+    assert job.output.read_bytes().startswith(kept)  # every whole line untouched
     lines = assert_every_row_once(job)  # the half line is gone; its row is there once
     assert next(line for line in lines if line["custom_id"] == victim)["id"] != "batch_req_torn"
     again = sent_ids(sim, start)
     assert again[victim] == 1
-    assert set(again) == set(pending)  # exactly the rows not committed, each once
+    assert set(again) == set(pending)  # exactly the rows with no whole line, each once
     assert_usage_matches_output(job, lines)
+    # The fragment was moved aside, to a file the log names, not dropped.
+    aside = sorted(job.output.parent.glob("job.jsonl.torn-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == torn
+    assert str(aside[0]) in rerun.stderr
 
-    # The same on a finished job: the half line is cut, nothing is sent.
+    # The same on a finished job: the half line is set aside, nothing is sent.
     before = job.output.read_bytes()
     with job.output.open("ab") as fh:
         fh.write(_half_line(IDS[7]))
@@ -257,6 +272,7 @@ def test_torn_last_line_is_cut_and_its_row_still_answered_once(
     assert f"nothing to do: all {ROWS} rows already succeeded" in last.stderr
     assert sim.stats.requests == 0
     assert job.output.read_bytes() == before
+    assert len(list(job.output.parent.glob("job.jsonl.torn-*"))) == 2
 
 
 # -- SIGTERM / SIGINT ---------------------------------------------------------------------

@@ -102,7 +102,8 @@ def test_transient_faults_are_retried_until_every_row_is_in_the_output_once(
     assert not job.failures.exists()
     summary = job.summary()
     assert summary["outcome"] == "completed"
-    assert summary["requests"] == {"total": n, "succeeded": n, "failed": 0, "pending": 0}
+    assert summary["requests"] == {"total": n, "succeeded": n, "failed": 0, "pending": 0,
+                                   "not_in_input": 0}
     run = summary["this_run"]
     retries = run["requests"]["retries"]
     assert retries > 0
@@ -128,7 +129,7 @@ def test_a_dropped_connection_is_reported_as_a_connection_error_not_a_timeout(
     s, job = make_sim(faults=FaultConfig(drop_rate=1.0))
     path = job.write(articles(2), retry={"max_attempts": 2, **FAST_RETRY})
     result = cli("run", path)
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 6, result.output
     assert s.stats.by_status == {0: 4}
     for line in job.failed():
         err = line["error"]
@@ -185,7 +186,8 @@ def test_poison_rows_fail_alone_with_the_servers_error_and_are_not_retried(
     assert sent["Summarize: This row is __POISON__ for the model."] == len(poison)
     summary = job.summary()
     assert summary["outcome"] == "failed_rows"
-    assert summary["requests"] == {"total": 12, "succeeded": 10, "failed": 2, "pending": 0}
+    assert summary["requests"] == {"total": 12, "succeeded": 10, "failed": 2, "pending": 0,
+                                   "not_in_input": 0}
     assert summary["failed_by_code"] == {"context_length_exceeded": 2}
 
 
@@ -270,7 +272,7 @@ def test_quota_error_stops_the_run_without_a_retry_storm_and_a_rerun_resumes(
     assert len(done_first) == quota
     assert not job.failures.exists()  # the rows were not at fault: they stay pending
     assert summary["requests"] == {"total": n, "succeeded": quota, "failed": 0,
-                                   "pending": n - quota}
+                                   "pending": n - quota, "not_in_input": 0}
 
     s.config.faults.quota_after = None  # the account is topped up
     s.reset_stats()
@@ -314,7 +316,8 @@ def test_a_wrong_base_url_stops_the_run_instead_of_failing_every_row(
     assert "Invalid URL" in summary["message"]
     # Nothing is marked failed for good: fixing the URL and rerunning sends every row.
     assert not job.failures.exists()
-    assert summary["requests"] == {"total": 30, "succeeded": 0, "failed": 0, "pending": 30}
+    assert summary["requests"] == {"total": 30, "succeeded": 0, "failed": 0, "pending": 30,
+                                   "not_in_input": 0}
     assert summary["this_run"]["requests"]["sent"] <= 4
 
     path = job.write(api={"base_url": s.base_url})
@@ -333,7 +336,7 @@ def test_rows_that_ran_out_of_retries_are_retried_by_the_next_run_without_retry_
     s, job = make_sim(seed=5, faults=FaultConfig(server_error_rate=0.7))
     path = job.write(articles(n), retry={"max_attempts": 2, **FAST_RETRY})
     result = cli("run", path)
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 6, result.output
 
     failed = job.failed()
     succeeded = ids(job.results())
@@ -369,12 +372,13 @@ def test_an_extreme_backoff_multiplier_neither_crashes_a_worker_nor_loses_a_row(
     path = job.write(articles(2), retry={"max_attempts": 60, "initial_delay_s": 0.001,
                                          "max_delay_s": 0.002, "multiplier": 1e6})
     result = cli("run", path)
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 6, result.output
     assert s.stats.requests == 120
     failed = job.failed()
     assert ids(failed) == row_ids(2)
     assert all(f["error"]["attempts"] == 60 and f["error"]["retryable"] for f in failed)
-    assert job.summary()["requests"] == {"total": 2, "succeeded": 0, "failed": 2, "pending": 0}
+    assert job.summary()["requests"] == {"total": 2, "succeeded": 0, "failed": 2, "pending": 0,
+                                         "not_in_input": 0}
 
 
 # -- enforced limits ------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_run_answers_every_row_once_in_batch_output_format(job: JobFiles, sim: S
     assert sim.stats.requests == 30
     assert sorted(user_texts(sim)) == sorted(f"Summarize: {a['text']}" for a in articles(30))
     summary = job.summary()
-    assert summary["requests"] == {"total": 30, "succeeded": 30, "failed": 0, "pending": 0}
+    assert summary["requests"] == {"total": 30, "succeeded": 30, "failed": 0, "pending": 0,
+                                   "not_in_input": 0}
     assert summary["outcome"] == "completed"
     usage = summary["usage"]
     bodies = [r["response"]["body"]["usage"] for r in lines]

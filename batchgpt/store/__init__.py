@@ -1,0 +1,312 @@
+"""The job's durable state: the output (the record), its index, the failures file, the
+lock. Next to ``output: out/summarize.jsonl``::
+
+    out/summarize.jsonl              results, Batch API output lines — the durable record
+    out/summarize.failures.jsonl     rows that failed, rewritten from the index at each run's end
+    out/summarize.summary.json       the last run's summary
+    out/summarize.state/rows.sqlite  the index (rebuildable from the output)
+    out/summarize.state/lock         held (flock) by the running process
+
+The parts, each in its own module: :mod:`.output_log` (append, fsync, verify, set aside,
+compact), :mod:`.index` (SQLite), :mod:`.recover` (bring the index in line with the
+output on open), :mod:`.writer` (group commit), :mod:`.lock`. :class:`Store` puts them
+together in the order a run needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from batchgpt.config import JobConfig
+from batchgpt.errors import StateError
+from batchgpt.store.index import Index, Settled, Totals, discard, open_or_none
+from batchgpt.store.lock import JobLock, now_iso
+from batchgpt.store.output_log import OutputChanged, OutputLog, encode_line, fsync_dir, stamp
+from batchgpt.store.recover import Report, recover, trusted
+from batchgpt.store.writer import GroupWriter
+
+log = logging.getLogger("batchgpt")
+
+__all__ = ["GroupWriter", "JobLock", "Settled", "Store", "Totals", "encode_line", "now_iso"]
+
+
+class Store:
+    """Output, index, failures file and lock of one job, for one run (or one look)."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+        self.out = OutputLog(Path(job.output))
+        self.failures_path = job.failures_path
+        self.state_dir = job.state_dir
+        self.db_path = self.state_dir / "rows.sqlite"
+        self._index: Index | None = None
+        self._lock = JobLock(self.state_dir)
+        self.recovery = Report()
+        self.dry = False
+        self.writer: GroupWriter | None = None
+        self.run_id: int | None = None
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            raise StateError("the job's state is not open")
+        return self._index
+
+    # -- opening ------------------------------------------------------------------------
+    def open(self) -> None:
+        """Lock the job, bring the index in line with the output (taking over results
+        it missed, setting aside torn fragments, compacting), and check every file can
+        be written — before anything is planned or sent."""
+        check_paths(self.job)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.out.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create {exc.filename}: {exc.strerror}") from None
+        self._lock.acquire()
+        try:
+            index, why = open_or_none(self.db_path)
+            if index is None:
+                if why != "missing":
+                    aside = discard(self.db_path)
+                    log.warning("%s is %s; moved it to %s and rebuilding the index from %s",
+                                self.db_path, why, aside, self.out.path)
+                index = Index.open(self.db_path)
+            self._index = index
+            self._check_owner(write=True)
+            self.recovery = recover(self.out, index, self.failures_path, dry=False,
+                                    index_was_lost=why is not None)
+            for message in self.recovery.messages(self.out.path, dry=False):
+                log.warning("%s", message)
+            if index.meta_int("dead_lines"):
+                self._compact()
+            self._check_writable()
+        except OSError as exc:
+            self.close()
+            raise StateError(f"cannot open the job's state: {exc.filename or ''} "
+                             f"{exc.strerror}".strip()) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def open_readonly(self) -> None:
+        """For status and dry runs: no lock, no repair, no write of any file — safe beside
+        a run. When the output needs recovering, it is done on an in-memory copy of the
+        index, so the figures are those a real run would start from."""
+        check_paths(self.job)
+        self.dry = True
+        index: Index | None = None
+        lost = False
+        if self.db_path.exists():
+            try:
+                index = Index.open_readonly(self.db_path)
+            except Exception as exc:  # sqlite3 errors, a damaged or foreign file
+                log.warning("%s is unreadable (%s); a run would rebuild it from %s",
+                            self.db_path, exc, self.out.path)
+                index, lost = None, True
+        if index is None:
+            index, lost = Index.in_memory(), True
+        self._index = index
+        self._check_owner(write=False)
+        if lost and not self.out.exists() and not self.failures_path.exists():
+            return
+        if not lost and trusted(self.out, index):
+            return
+        if index.path is not None:
+            index = index.copy_to_memory()
+            self._index = index
+        self.recovery = recover(self.out, index, self.failures_path, dry=True,
+                                index_was_lost=lost)
+
+    def _check_owner(self, *, write: bool) -> None:
+        """One output, one job: a second job file writing the same output would mix its
+        rows into the first one's results."""
+        owner = self.index.meta("job")
+        name = self.job.job_name
+        if owner is not None and owner != name:
+            raise StateError(
+                f"{self.out.path} holds the results of job '{owner}', and this job is "
+                f"'{name}': two jobs must not share an output. Give this job its own "
+                f"`output:`, or, if it is the same job renamed, set `name: {owner}`"
+            )
+        if owner is None and write:
+            self.index.set_meta(job=name)
+
+    def _check_writable(self) -> None:
+        """Fail before anything is sent when results could not be written: a paid answer
+        that can't be stored is lost. Opens an existing output for appending (and closes
+        it), and creates and removes a file in its folder, where the failures and summary
+        files are swapped in."""
+        try:
+            if self.out.exists():
+                os.close(os.open(self.out.path, os.O_WRONLY | os.O_APPEND))
+            fd, probe = tempfile.mkstemp(prefix=f".{self.out.path.name}.", suffix=".probe",
+                                         dir=self.out.path.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StateError(
+                f"cannot write {exc.filename or self.out.path}: {exc.strerror}; nothing was "
+                "sent, and results written so far are safe"
+            ) from None
+
+    def close(self) -> None:
+        self.out.close()
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        self._lock.release()
+
+    # -- planning -------------------------------------------------------------------------
+    def unsettled(self, rows: Sequence[tuple[str, str]]) -> dict[str, Settled]:
+        return self.index.unsettled(rows)
+
+    def has_unadopted(self) -> bool:
+        return self.index.has_unadopted()
+
+    def adopt(self, rows: Sequence[tuple[str, str]]) -> None:
+        """Taken-over results among ``rows`` become the results of these requests."""
+        ids = self.index.unadopted([cid for cid, _ in rows])
+        if ids:
+            hashes = dict(rows)
+            self.index.adopt((cid, hashes[cid]) for cid in ids)
+
+    # -- --fresh --------------------------------------------------------------------------
+    def previous_files(self) -> list[tuple[Path, Path]]:
+        """(file, where --fresh would move it) for the output, failures and summary."""
+        ts = stamp()
+        stem = self.job.output_stem
+        out = []
+        for path in (self.out.path, self.failures_path, self.job.summary_path):
+            if path.exists():
+                rest = path.name[len(stem.name):]
+                out.append((path, path.with_name(f"{stem.name}.previous-{ts}{rest}")))
+        return out
+
+    def set_aside_previous(self) -> list[tuple[Path, Path]]:
+        """--fresh: move the previous output, failures and summary aside (never delete a
+        paid result) and empty the index."""
+        moved = self.previous_files()
+        self.out.close()
+        for src, dst in moved:
+            os.replace(src, dst)
+        fsync_dir(self.out.path.parent)
+        self.index.forget_all()
+        self.out.start(0, 0)
+        return moved
+
+    # -- runs -----------------------------------------------------------------------------
+    def start_run(self) -> int:
+        self.run_id = self.index.start_run(now_iso())
+        return self.run_id
+
+    def finish_run(self, outcome: str, summary_json: str) -> None:
+        if self.run_id is not None:
+            self.index.finish_run(self.run_id, now_iso(), outcome, summary_json)
+
+    def start_writer(self) -> GroupWriter:
+        self.writer = GroupWriter(self.out, self.index, self.run_id)
+        self.writer.start()
+        return self.writer
+
+    async def stop_writer(self) -> None:
+        if self.writer is not None:
+            await self.writer.stop()
+
+    # -- finishing ----------------------------------------------------------------------
+    def finalize(self) -> None:
+        """After a run: drop superseded lines from the output (only when it is exactly
+        what the index says), rewrite the failures file. Problems are logged, never
+        raised: the results are safe in the output whatever happens here."""
+        healthy = self.writer is None or self.writer.broken is None
+        if healthy and self.index.meta_int("dead_lines"):
+            fp = self.out.fingerprint()
+            if fp is not None and fp.size == self.out.size:
+                self._compact()
+        try:
+            self._write_failures()
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.failures_path, exc.strerror)
+
+    def _compact(self) -> None:
+        """Rewrite the output with only the live line of each result: write the new file
+        and fsync it; commit its offsets with a marker; rename it over the output; clear
+        the marker. A kill at any step is finished or undone by the next open."""
+        index = self.index
+        try:
+            moved, size, crc = self.out.write_compacted(index.live_ranges())
+        except OutputChanged as exc:
+            log.warning("not compacting: %s; the next run checks the whole output", exc)
+            index.set_meta(fingerprint=None)
+            return
+        index.move_offsets(moved, output_size=size, output_crc=crc, dead_lines=0,
+                           compacting=1, fingerprint=None)
+        fp = self.out.swap_in_compacted()
+        index.set_meta(compacting=None, fingerprint=fp.dumps())
+        self.out.start(size, crc)
+
+    def _write_failures(self) -> None:
+        path = self.failures_path
+        tmp = path.with_name(path.name + ".tmp")
+        count = 0
+        with tmp.open("wb") as fh:
+            for line in self.index.failure_lines():
+                fh.write(line)
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        if count:
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+            path.unlink(missing_ok=True)
+
+    # -- reading --------------------------------------------------------------------------
+    def totals(self) -> Totals:
+        return self.index.totals()
+
+    def failure_codes(self) -> dict[str, int]:
+        return self.index.failure_codes()
+
+
+def check_paths(job: JobConfig) -> None:
+    """Refuse, before anything runs, an output that would destroy the input or the
+    job's own state, and files that are not regular files (a FIFO would block)."""
+    output = Path(os.path.realpath(job.output))
+    inp = Path(os.path.realpath(job.input))
+    state = Path(os.path.realpath(job.state_dir))
+    if output == inp or _same_file(job.output, job.input):
+        raise StateError(f"output {job.output} is the input file: writing results there "
+                         "would destroy the input. Choose another `output:`")
+    for own in (job.failures_path, job.summary_path):
+        if Path(os.path.realpath(own)) == inp:
+            raise StateError(f"input {job.input} is this job's own {own.name}, which every "
+                             "run rewrites: copy it to another file first")
+    if state == inp or state in inp.parents:
+        raise StateError(f"input {job.input} is inside this job's state folder {job.state_dir}")
+    for parent in output.parents:
+        if parent.name.endswith(".state"):
+            raise StateError(f"output {job.output} is inside a state folder ({parent}), "
+                             "which batchgpt manages: choose an output outside it")
+    for path in (job.output, job.failures_path, job.summary_path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"cannot use {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError(f"{path} exists and is not a regular file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+

@@ -1,0 +1,485 @@
+"""The checkpoint's index: which row has which result, and which rows failed.
+
+An index, not a record: every result it knows of is a line of the output file, and
+:mod:`batchgpt.store.recover` can rebuild it from the output (and the failures file)
+whenever it is missing, damaged or behind. What it adds is speed (a million-row resume
+asks SQLite, not the output) and what the output cannot say: the request hash each result
+was produced for, failures, attempts, and what was paid for results later replaced.
+
+Tables::
+
+    results   custom_id → request hash (NULL: taken over from the output), where its line
+              is in the output (offset, length), attempts, model, token usage
+    failures  custom_id → request hash, retryable or not, error code, attempts, the
+              failures-file line. A row may have both: an older result kept in the
+              output while its changed request failed (a failure never replaces a result)
+    spend     per model: usage of every result ever committed, replaced ones included
+    meta      schema version, the job's name, the committed output size, its CRC-32, its
+              stat fingerprint, how many results were replaced
+    runs      one row per run: start, end, outcome, summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchgpt.errors import StateError
+from batchgpt.pricing import Usage
+
+SCHEMA_VERSION = "2"
+LOOKUP_BATCH = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    custom_id TEXT PRIMARY KEY,
+    req_hash TEXT,
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    model TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    run_id INTEGER,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    custom_id TEXT PRIMARY KEY,
+    req_hash TEXT,
+    transient INTEGER NOT NULL,
+    error_code TEXT,
+    attempts INTEGER NOT NULL,
+    line BLOB NOT NULL,
+    run_id INTEGER,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spend (
+    model TEXT PRIMARY KEY,
+    results INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT,
+    pid INTEGER,
+    summary TEXT
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What the index holds for one row whose stored state is not simply "succeeded for
+    this very request" (see :meth:`Index.unsettled`)."""
+
+    result_hash: str | None  # hash of the request of its result, "" when there is none
+    failure_hash: str | None  # hash of the request that failed, "" when there is none
+    transient: bool  # the failure may pass
+    error_code: str | None
+
+    @property
+    def has_result(self) -> bool:
+        return self.result_hash != ""
+
+    @property
+    def has_failure(self) -> bool:
+        return self.failure_hash != ""
+
+
+@dataclass(slots=True)
+class NewResult:
+    custom_id: str
+    req_hash: str | None
+    off: int
+    len: int
+    attempts: int
+    model: str | None
+    usage: Usage
+
+
+@dataclass(slots=True)
+class NewFailure:
+    custom_id: str
+    req_hash: str | None
+    transient: bool
+    error_code: str
+    attempts: int
+    line: bytes
+
+
+@dataclass
+class Totals:
+    results: int = 0  # results in the output, whatever their ids
+    failures: int = 0
+    spend_by_model: dict[str, Usage] = field(default_factory=dict)  # what was paid
+    replaced: int = 0  # results later replaced by a newer one (paid, no longer in the output)
+
+
+def clean_text(value: str | None) -> str | None:
+    """A string SQLite can store: a lone surrogate (a server may send one) would make
+    the whole commit fail."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Index:
+    """The SQLite index. One connection, used from one thread at a time."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path | None) -> None:
+        self.db = db
+        self.path = path
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction; nested uses join the outer one, so a recovery can make
+        many changes that all happen or none do."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.db.execute("COMMIT")
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path) -> Index:
+        """Open (creating if needed) for writing. Raises sqlite3.DatabaseError on a file
+        that is not a usable database; the caller rebuilds."""
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            index = cls(db, path)
+            index._check()
+            index._create()
+        except BaseException:
+            db.close()
+            raise
+        return index
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Index:
+        """For status and dry runs: nothing is written, nothing locked for longer than a
+        read. Raises sqlite3.DatabaseError when unreadable."""
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            index = cls(db, path)
+            index._check()
+            version = index.meta("schema")
+            if version != SCHEMA_VERSION:  # an old layout: migrate a copy in memory
+                return index.copy_to_memory()
+        except BaseException:
+            db.close()
+            raise
+        return index
+
+    @classmethod
+    def in_memory(cls) -> Index:
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        index = cls(db, None)
+        index._create()
+        return index
+
+    def copy_to_memory(self) -> Index:
+        """A writable copy (a dry run repairs the copy, never the file)."""
+        mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self.db.backup(mem)
+        self.db.close()
+        index = Index(mem, None)
+        index._create()
+        return index
+
+    def _check(self) -> None:
+        row = self.db.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
+        self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+
+    def _create(self) -> None:
+        db = self.db
+        old = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rows'"
+                         ).fetchone()
+        db.executescript(_SCHEMA)
+        if old:
+            self._migrate_v1()
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 kept results and failures in one `rows` table (status 1 or 2)."""
+        with self.transaction() as db:
+            self._copy_v1(db)
+
+    @staticmethod
+    def _copy_v1(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO results SELECT custom_id, req_hash, off, len, attempts, "
+            "model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, run_id, "
+            "updated_at FROM rows WHERE status = 1 AND off IS NOT NULL"
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO failures SELECT custom_id, req_hash, transient, error_code, "
+            "attempts, COALESCE(line, X''), run_id, updated_at FROM rows WHERE status = 2"
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO spend SELECT COALESCE(model, ''), COUNT(*), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+            "SUM(reasoning_tokens) FROM results GROUP BY COALESCE(model, '')"
+        )
+        db.execute("DROP TABLE rows")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta -----------------------------------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values: str | int | None) -> None:
+        for key, value in values.items():
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+
+    def meta_int(self, key: str) -> int:
+        try:
+            return int(self.meta(key) or 0)
+        except ValueError:
+            return 0
+
+    # -- planning -------------------------------------------------------------------------
+    def unsettled(self, rows: Sequence[tuple[str, str]]) -> dict[str, Settled]:
+        """Given (custom_id, request hash) pairs, what the index holds for each row that
+        did not simply succeed for this very request. A row left out has a result for this
+        request, or a result taken over from the output (hash NULL: see :meth:`adopt`);
+        on a resume that is nearly every row, so this is one join per batch of ids."""
+        out: dict[str, Settled] = {}
+        for i in range(0, len(rows), LOOKUP_BATCH):
+            chunk = rows[i : i + LOOKUP_BATCH]
+            values = ",".join(["(?,?)"] * len(chunk))
+            for cid, r_hash, has_r, f_hash, has_f, transient, code in self.db.execute(
+                f"WITH batch(cid, h) AS (VALUES {values}) "
+                "SELECT batch.cid, r.req_hash, r.custom_id IS NOT NULL, f.req_hash, "
+                "f.custom_id IS NOT NULL, f.transient, f.error_code "
+                "FROM batch LEFT JOIN results r ON r.custom_id = batch.cid "
+                "LEFT JOIN failures f ON f.custom_id = batch.cid "
+                "WHERE r.custom_id IS NULL OR (r.req_hash IS NOT NULL AND r.req_hash != batch.h)",
+                [x for pair in chunk for x in pair],
+            ):
+                out[cid] = Settled(
+                    result_hash=r_hash if has_r else "",
+                    failure_hash=f_hash if has_f else "",
+                    transient=bool(transient),
+                    error_code=code,
+                )
+        return out
+
+    def unadopted(self, ids: Sequence[str]) -> list[str]:
+        """Of ``ids``, those whose result was taken over and has no request hash yet."""
+        out: list[str] = []
+        for i in range(0, len(ids), LOOKUP_BATCH):
+            chunk = ids[i : i + LOOKUP_BATCH]
+            marks = ",".join("?" * len(chunk))
+            out.extend(cid for (cid,) in self.db.execute(
+                f"SELECT custom_id FROM results WHERE req_hash IS NULL AND custom_id IN "
+                f"({marks})", chunk))
+        return out
+
+    def adopt(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record the request a taken-over result now answers for (its row's request at
+        the first plan after the takeover), so later changes are noticed."""
+        with self.transaction() as db:
+            db.executemany("UPDATE results SET req_hash = ? WHERE custom_id = ? AND "
+                           "req_hash IS NULL", [(h, cid) for cid, h in pairs])
+
+    def has_unadopted(self) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE req_hash IS NULL LIMIT 1"
+                               ).fetchone() is not None
+
+    # -- writing --------------------------------------------------------------------------
+    def commit(self, results: list[NewResult], failures: list[NewFailure], run_id: int | None,
+               **meta: str | int) -> int:
+        """One transaction: results (each replacing any earlier result of its id, and
+        clearing its failure), failures (never touching a result), what was paid, and the
+        meta values given. Returns how many earlier results were replaced."""
+        now = time.time()
+        with self.transaction() as db:
+            replaced = 0
+            if results:
+                ids = [r.custom_id for r in results]
+                replaced = self._count_existing(ids)
+                db.executemany(
+                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(r.custom_id, r.req_hash, r.off, r.len, r.attempts, clean_text(r.model),
+                      r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_tokens,
+                      r.usage.reasoning_tokens, run_id, now) for r in results],
+                )
+                db.executemany("DELETE FROM failures WHERE custom_id = ?", [(i,) for i in ids])
+                self._add_spend(results)
+            if failures:
+                db.executemany(
+                    "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?)",
+                    [(f.custom_id, f.req_hash, int(f.transient), clean_text(f.error_code),
+                      f.attempts, f.line, run_id, now) for f in failures],
+                )
+            if replaced:
+                meta["dead_lines"] = self.meta_int("dead_lines") + replaced
+                meta["replaced"] = self.meta_int("replaced") + replaced
+            self.set_meta(**meta)
+        return replaced
+
+    def _count_existing(self, ids: list[str]) -> int:
+        n = 0
+        for i in range(0, len(ids), LOOKUP_BATCH):
+            chunk = ids[i : i + LOOKUP_BATCH]
+            marks = ",".join("?" * len(chunk))
+            n += self.db.execute(f"SELECT COUNT(*) FROM results WHERE custom_id IN ({marks})",
+                                 chunk).fetchone()[0]
+        return n
+
+    def _add_spend(self, results: Iterable[NewResult]) -> None:
+        by_model: dict[str, list[int]] = {}
+        for r in results:
+            acc = by_model.setdefault(clean_text(r.model) or "", [0, 0, 0, 0, 0])
+            u = r.usage
+            acc[0] += 1
+            acc[1] += u.prompt_tokens
+            acc[2] += u.completion_tokens
+            acc[3] += u.cached_tokens
+            acc[4] += u.reasoning_tokens
+        self.db.executemany(
+            "INSERT INTO spend (model, results, prompt_tokens, completion_tokens, "
+            "cached_tokens, reasoning_tokens) VALUES (?,?,?,?,?,?) ON CONFLICT(model) DO UPDATE "
+            "SET results = results + excluded.results, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "cached_tokens = cached_tokens + excluded.cached_tokens, "
+            "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens",
+            [(m, *acc) for m, acc in by_model.items()],
+        )
+
+    def move_offsets(self, moved: list[tuple[int, str]], **meta: str | int | None) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE results SET off = ? WHERE custom_id = ?", moved)
+            self.set_meta(**meta)
+
+    def forget_all(self) -> None:
+        """--fresh: the job starts over (its previous output was set aside)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM results")
+            db.execute("DELETE FROM failures")
+            db.execute("DELETE FROM spend")
+            self.set_meta(output_size=0, output_crc=0, fingerprint=None, dead_lines=0,
+                          replaced=0)
+
+    # -- reading --------------------------------------------------------------------------
+    def live_ranges(self) -> Iterator[tuple[str, int, int]]:
+        """(custom_id, offset, length) of every result, in output order."""
+        yield from self.db.execute("SELECT custom_id, off, len FROM results ORDER BY off")
+
+    def failure_lines(self) -> Iterator[bytes]:
+        for (line,) in self.db.execute("SELECT line FROM failures ORDER BY updated_at, custom_id"):
+            yield bytes(line)
+
+    def result_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def totals(self) -> Totals:
+        t = Totals()
+        t.results = self.result_count()
+        t.failures = int(self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0])
+        t.replaced = self.meta_int("replaced")
+        for model, p, c, cached, reasoning in self.db.execute(
+            "SELECT model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens "
+            "FROM spend"
+        ):
+            t.spend_by_model[model or ""] = Usage(
+                prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                cached_tokens=cached, reasoning_tokens=reasoning,
+            )
+        return t
+
+    def failure_codes(self) -> dict[str, int]:
+        return {code or "unknown": n for code, n in self.db.execute(
+            "SELECT error_code, COUNT(*) FROM failures GROUP BY error_code")}
+
+    # -- runs -----------------------------------------------------------------------------
+    def start_run(self, started_at: str) -> int:
+        cur = self.db.execute("INSERT INTO runs (started_at, pid) VALUES (?, ?)",
+                              (started_at, os.getpid()))
+        return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, finished_at: str, outcome: str, summary: str) -> None:
+        self.db.execute("UPDATE runs SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
+                        (finished_at, outcome, summary, run_id))
+
+    def last_run(self) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, started_at, finished_at, outcome, pid FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "started_at": row[1], "finished_at": row[2], "outcome": row[3],
+                "pid": row[4]}
+
+
+def open_or_none(path: Path) -> tuple[Index | None, str | None]:
+    """Open the index for writing, or (None, why) when it is missing or damaged."""
+    if not path.exists():
+        return None, "missing"
+    try:
+        return Index.open(path), None
+    except sqlite3.DatabaseError as exc:
+        return None, f"unreadable ({exc})"
+
+
+def discard(path: Path) -> Path | None:
+    """Move a damaged index aside (kept for a post-mortem, never reused)."""
+    if not path.exists():
+        return None
+    from batchgpt.store.output_log import stamp
+
+    aside = path.with_name(f"{path.name}.damaged-{stamp()}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        extra = Path(str(path) + suffix)
+        if extra.exists():
+            os.replace(extra, Path(str(aside) + suffix))
+    return aside
+
+
+__all__ = ["Index", "NewFailure", "NewResult", "Settled", "StateError", "Totals"]

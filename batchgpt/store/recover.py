@@ -1,0 +1,314 @@
+"""Bring the index back in line with the output before anything is planned or sent.
+
+The output is the durable record; the index follows it. On every open, in order of cost:
+
+1. **Trusted as is** — the output's stat fingerprint and size are exactly what the last
+   commit recorded: nobody touched it. No read at all.
+2. **Prefix intact, tail new** — the output is at least as long as the committed size and
+   the CRC-32 of that prefix is the one recorded: what the index points at is byte for
+   byte what was written. Only the lines after it are read: complete result lines there
+   (written, then the process died before its commit — paid results) are **taken over**;
+   a torn final fragment is set aside to a file named in the log, then cut off.
+3. **Rebuilt** — anything else (index missing or damaged, output shorter, edited, reordered,
+   replaced, an interrupted compaction whose file vanished): every line of the output is
+   read, each id's live line chosen (the one the index points at if it is still there,
+   else the last one), offsets corrected, ids no longer in the output dropped from the
+   index (they will be sent again, and the log says how many), ids the index did not know
+   taken over, and duplicate or unreadable lines dropped by a compaction (unreadable
+   ones set aside first). When the index itself was lost, the failures file is read
+   back too.
+
+A taken-over result has no request hash: the plan adopts it as the result of its row's
+current request (see ``Index.adopt``); ``on_change`` applies to changes made after that.
+
+``dry=True`` (dry runs and status) does all of this against an in-memory copy of the
+index and touches no file; the report says what a real run would do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchgpt.pricing import Usage
+from batchgpt.store.index import Index, NewFailure, NewResult
+from batchgpt.store.output_log import OutputLog, parse_result_line
+
+log = logging.getLogger("batchgpt")
+
+CHUNK = 5_000
+
+
+@dataclass
+class Report:
+    """What recovery found and did (or, dry, would do)."""
+
+    taken_over: int = 0
+    lost: int = 0
+    failures_taken_over: int = 0
+    set_aside: list[Path] = field(default_factory=list)
+    torn_bytes: int = 0
+    unreadable_lines: int = 0
+    rebuilt: bool = False
+
+    def messages(self, output: Path, dry: bool) -> Iterator[str]:
+        would = "would " if dry else ""
+        if self.torn_bytes:
+            where = f" to {self.set_aside[0]}" if self.set_aside else ""
+            yield (f"{output}: {would}set aside a torn last line ({self.torn_bytes} bytes, "
+                   f"an interrupted write){where}")
+        if self.unreadable_lines:
+            where = f" to {self.set_aside[-1]}" if self.set_aside else ""
+            yield (f"{output}: {self.unreadable_lines} lines are not results batchgpt can "
+                   f"read; {would}set them aside{where}")
+        if self.taken_over:
+            yield (f"would take over {self.taken_over} results from {output}" if dry
+                   else f"took over {self.taken_over} results from {output}")
+        if self.failures_taken_over:
+            yield (f"{would}take over {self.failures_taken_over} failed rows from the "
+                   "failures file")
+        if self.lost:
+            yield (f"{self.lost} results the checkpoint recorded are no longer in {output} "
+                   "(removed or edited outside batchgpt); those rows will be sent again")
+
+
+def trusted(out: OutputLog, index: Index) -> bool:
+    """Tier 1: the output is exactly what the last commit left (no read needed)."""
+    fp = out.fingerprint()
+    return (fp is not None and index.meta("fingerprint") == fp.dumps()
+            and index.meta_int("output_size") == fp.size and index.meta("output_crc") is not None
+            and not index.meta("compacting"))
+
+
+def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
+            index_was_lost: bool) -> Report:
+    report = Report()
+    _finish_compaction(out, index, dry)
+    fp = out.fingerprint()
+    committed = index.meta_int("output_size")
+    crc_text = index.meta("output_crc")
+    if fp is None:
+        lost = index.result_count()
+        if lost:
+            report.lost = lost
+            with index.transaction() as db:
+                db.execute("DELETE FROM results")
+                index.set_meta(output_size=0, output_crc=0, fingerprint=None, dead_lines=0)
+        out.start(0, 0)
+        if index_was_lost:
+            _take_over_failures(index, failures_path, report)
+        return report
+    if not index_was_lost and trusted(out, index) and crc_text is not None:
+        out.start(committed, int(crc_text))
+        return report
+    if (not index_was_lost and crc_text is not None and fp.size >= committed
+            and out.checksum(committed) == int(crc_text)):
+        _take_over_tail(out, index, committed, int(crc_text), report, dry)
+    else:
+        _rebuild(out, index, report, dry)
+        if index_was_lost:
+            _take_over_failures(index, failures_path, report)
+    return report
+
+
+# -- tier 2 ---------------------------------------------------------------------------------
+
+def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: Report,
+                    dry: bool) -> None:
+    scan = _Scan(out, start, crc)
+    duplicates = 0  # an id twice in the tail: the later line wins, the earlier is dead
+    with index.transaction():
+        batch: dict[str, NewResult] = {}
+        for result in scan.results():
+            if result.custom_id in batch:
+                duplicates += 1
+            batch[result.custom_id] = result
+            if len(batch) >= CHUNK:
+                index.commit(list(batch.values()), [], None)  # counts what it replaces
+                batch = {}
+        if batch:
+            index.commit(list(batch.values()), [], None)
+        report.taken_over = scan.good - duplicates
+        _settle_file(out, index, scan, report, dry, extra_dead=duplicates)
+
+
+# -- tier 3 ---------------------------------------------------------------------------------
+
+def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
+    report.rebuilt = True
+    scan = _Scan(out, 0, 0)
+    with index.transaction() as db:
+        db.execute("DROP TABLE IF EXISTS temp.scan")
+        db.execute("CREATE TEMP TABLE scan (seq INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
+                   "off INTEGER, len INTEGER, model TEXT, p INTEGER, c INTEGER, cached INTEGER, "
+                   "reasoning INTEGER)")
+        rows: list[tuple[str, int, int, str | None, int, int, int, int]] = []
+        for r in scan.results():
+            u = r.usage
+            rows.append((r.custom_id, r.off, r.len, r.model, u.prompt_tokens,
+                         u.completion_tokens, u.cached_tokens, u.reasoning_tokens))
+            if len(rows) >= CHUNK:
+                db.executemany("INSERT INTO scan (custom_id, off, len, model, p, c, cached, "
+                               "reasoning) VALUES (?,?,?,?,?,?,?,?)", rows)
+                rows = []
+        if rows:
+            db.executemany("INSERT INTO scan (custom_id, off, len, model, p, c, cached, "
+                           "reasoning) VALUES (?,?,?,?,?,?,?,?)", rows)
+        db.execute("CREATE INDEX temp.scan_id ON scan (custom_id, seq)")
+        # The live line of each id: the one the index points at when it is still there
+        # unchanged in place, else the id's last line.
+        db.execute("DROP TABLE IF EXISTS temp.live")
+        db.execute(
+            "CREATE TEMP TABLE live AS SELECT s.* FROM scan s WHERE s.seq = COALESCE("
+            "(SELECT s2.seq FROM scan s2 JOIN results r ON r.custom_id = s2.custom_id "
+            " AND r.off = s2.off AND r.len = s2.len WHERE s2.custom_id = s.custom_id), "
+            "(SELECT MAX(s3.seq) FROM scan s3 WHERE s3.custom_id = s.custom_id))"
+        )
+        db.execute("CREATE UNIQUE INDEX temp.live_id ON live (custom_id)")
+        report.lost = db.execute(
+            "SELECT COUNT(*) FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)"
+        ).fetchone()[0]
+        db.execute("DELETE FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)")
+        db.execute("UPDATE results SET off = (SELECT off FROM live WHERE live.custom_id = "
+                   "results.custom_id), len = (SELECT len FROM live WHERE live.custom_id = "
+                   "results.custom_id)")
+        new = [NewResult(cid, None, off, length, 1, model,
+                         Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                               cached_tokens=cached, reasoning_tokens=reasoning))
+               for cid, off, length, model, p, c, cached, reasoning in db.execute(
+                   "SELECT custom_id, off, len, model, p, c, cached, reasoning FROM live "
+                   "WHERE custom_id NOT IN (SELECT custom_id FROM results)")]
+        for i in range(0, len(new), CHUNK):
+            index.commit(new[i : i + CHUNK], [], None)
+        report.taken_over = len(new)
+        live = db.execute("SELECT COUNT(*) FROM live").fetchone()[0]
+        db.execute("DROP TABLE temp.live")
+        db.execute("DROP TABLE temp.scan")
+        index.set_meta(dead_lines=0)  # every line of the file is accounted for below
+        _settle_file(out, index, scan, report, dry, extra_dead=scan.good - live)
+
+
+# -- shared -----------------------------------------------------------------------------------
+
+class _Scan:
+    """One pass over the output from ``start``: the result lines, counted; unreadable
+    lines and a torn fragment noted (not kept: they are re-read to be set aside)."""
+
+    def __init__(self, out: OutputLog, start: int, crc: int) -> None:
+        self.out = out
+        self.start = start
+        self.crc = crc
+        self.good = 0
+        self.blank = 0
+        self.unreadable: list[tuple[int, int]] = []  # (offset, length)
+        self.torn: tuple[int, int] | None = None
+        self.needs_newline = False
+        self.end = start  # end of the last whole line kept in the file
+
+    def results(self) -> Iterator[NewResult]:
+        for off, line in self.out.lines(self.start):
+            if not line.endswith(b"\n"):
+                parsed = parse_result_line(line + b"\n")
+                if parsed is None:
+                    self.torn = (off, len(line))
+                    return
+                self.needs_newline = True
+                line = line + b"\n"
+            else:
+                parsed = parse_result_line(line)
+            self.crc = zlib.crc32(line, self.crc)
+            self.end = off + len(line)
+            if parsed is None:
+                if line.strip():
+                    self.unreadable.append((off, len(line)))
+                else:
+                    self.blank += 1
+                continue
+            self.good += 1
+            yield NewResult(parsed.custom_id, None, off, len(line), 1, parsed.model,
+                            _usage(parsed.usage))
+
+
+def _usage(raw: object) -> Usage:
+    return Usage.from_response(raw if isinstance(raw, Mapping) else None)
+
+
+def _settle_file(out: OutputLog, index: Index, scan: _Scan, report: Report, dry: bool,
+                 extra_dead: int) -> None:
+    """Set aside what is not a result, cut a torn fragment, and record the new committed
+    state. Duplicate, blank and unreadable lines stay in the file, counted as dead, for
+    the compaction that follows the open (unreadable ones are set aside first)."""
+    if scan.torn is not None:
+        off, length = scan.torn
+        report.torn_bytes = length
+        if not dry:
+            report.set_aside.append(out.set_aside("torn", [out.read(off, length)]))
+            out.cut(off)
+    elif scan.needs_newline and not dry:
+        out.add_newline()
+    if scan.unreadable:
+        report.unreadable_lines = len(scan.unreadable)
+        if not dry:
+            report.set_aside.append(out.set_aside(
+                "unreadable", (out.read(off, length) for off, length in scan.unreadable)))
+    dead = index.meta_int("dead_lines") + extra_dead + len(scan.unreadable) + scan.blank
+    fp = None if dry else out.fingerprint()
+    index.set_meta(output_size=scan.end, output_crc=scan.crc,
+                   fingerprint=fp.dumps() if fp is not None else None, dead_lines=dead)
+    out.start(scan.end, scan.crc)
+
+
+def _take_over_failures(index: Index, path: Path, report: Report) -> None:
+    """The index was lost: read the failures file back, so rows that failed for good are
+    not sent again without --retry-failed (results win over failures)."""
+    try:
+        fh = path.open("rb")
+    except OSError:
+        return
+    failures: list[NewFailure] = []
+    with fh:
+        for line in fh:
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+                continue
+            err = obj.get("error")
+            if not isinstance(err, dict):
+                continue
+            attempts = err.get("attempts")
+            failures.append(NewFailure(
+                obj["custom_id"], None, bool(err.get("retryable")),
+                str(err.get("code") or "unknown"),
+                attempts if isinstance(attempts, int) and 0 <= attempts < 10**6 else 1,
+                line if line.endswith(b"\n") else line + b"\n"))
+    if not failures:
+        return
+    with index.transaction() as db:
+        known = {cid for (cid,) in db.execute("SELECT custom_id FROM results")} if len(
+            failures) < 100_000 else None
+        keep = [f for f in failures if known is None or f.custom_id not in known]
+        index.commit([], keep, None)
+        if known is None:
+            db.execute("DELETE FROM failures WHERE custom_id IN (SELECT custom_id FROM results)")
+    report.failures_taken_over = len(keep)
+
+
+def _finish_compaction(out: OutputLog, index: Index, dry: bool) -> None:
+    """A compaction commits its new offsets with a marker before it renames its file over
+    the output: finish or forget it."""
+    tmp = out.compact_path
+    if index.meta("compacting"):
+        if tmp.exists() and not dry:
+            out.swap_in_compacted()
+            index.set_meta(compacting=None, fingerprint=None)
+        elif not tmp.exists():
+            index.set_meta(compacting=None)
+        return
+    if tmp.exists() and not dry:  # written, never committed: the output is untouched
+        tmp.unlink()

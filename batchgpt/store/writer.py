@@ -1,0 +1,157 @@
+"""Group commit: results reach the output and the index in batches, durably, in order.
+
+Workers hand their row's outcome to :class:`GroupWriter` and wait. Whatever arrived while
+the previous commit ran is committed next, in a worker thread: the results' lines are
+appended to the output and fsynced, then one SQLite transaction records them (offsets,
+usage, what was paid) together with the output's new size, CRC and fingerprint. Only then
+do the workers' awaits return, so a row is never "done" before its line is durable, and a
+worker that holds its concurrency slot until then bounds what a kill can cost.
+
+The first failed write breaks the writer for good: every waiting and later ``put`` raises
+the same :class:`StateError` and the run stops. Nothing is recorded at an offset that was
+not written — a failed append is cut back by the output log; lines appended before a
+failed index commit stay in the output, complete and fsynced, and the next run takes
+them over (nothing paid for is thrown away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from dataclasses import dataclass
+
+from batchgpt.errors import StateError
+from batchgpt.pricing import Usage
+from batchgpt.store.index import Index, NewFailure, NewResult
+from batchgpt.store.output_log import OutputLog
+
+
+@dataclass(slots=True)
+class _Item:
+    result: NewResult | None
+    failure: NewFailure | None
+    line: bytes
+    done: asyncio.Future[None]
+
+
+class GroupWriter:
+    def __init__(self, out: OutputLog, index: Index, run_id: int | None) -> None:
+        self.out = out
+        self.index = index
+        self.run_id = run_id
+        self.broken: StateError | None = None
+        self.committed_results = 0
+        self.replaced = 0  # results this run replaced (their rows had an older result)
+        self._queue: list[_Item] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._index_inode = _inode(index.path)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batchgpt-writer")
+
+    async def stop(self) -> None:
+        """Commit everything queued, then stop."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        await self._task
+        self._task = None
+
+    async def put_result(self, custom_id: str, req_hash: str, line: bytes, attempts: int,
+                         model: str | None, usage: Usage) -> None:
+        """Returns once the result is durably in the output and recorded."""
+        await self._put(NewResult(custom_id, req_hash, 0, len(line), attempts, model, usage),
+                        None, line)
+
+    async def put_failure(self, custom_id: str, req_hash: str, line: bytes, attempts: int,
+                          error_code: str, transient: bool) -> None:
+        await self._put(None, NewFailure(custom_id, req_hash, transient, error_code, attempts,
+                                         line), line)
+
+    async def _put(self, result: NewResult | None, failure: NewFailure | None,
+                   line: bytes) -> None:
+        if self.broken is not None:
+            raise self.broken
+        if self._task is None:
+            raise StateError("the result writer is not running")
+        item = _Item(result, failure, line, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self._wakeup.set()
+        await asyncio.shield(item.done)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._queue:
+                batch, self._queue = self._queue, []
+                error: BaseException | None = None
+                try:
+                    if self.broken is not None:
+                        raise self.broken
+                    await asyncio.to_thread(self._commit, batch)
+                except StateError as exc:
+                    self.broken = error = exc
+                except Exception as exc:  # a bug or an unforeseen error: stop writing
+                    self.broken = error = StateError(
+                        f"cannot record results: {type(exc).__name__}: {exc}")
+                for item in batch:
+                    if not item.done.done():
+                        if error is None:
+                            item.done.set_result(None)
+                        else:
+                            item.done.set_exception(error)
+            if self._closing and not self._queue:
+                return
+
+    def _commit(self, batch: list[_Item]) -> None:
+        """Runs in a worker thread: append, fsync, then one transaction."""
+        results: list[NewResult] = []
+        failures: list[NewFailure] = []
+        chunks: list[bytes] = []
+        for item in batch:
+            if item.result is not None:
+                results.append(item.result)
+                chunks.append(item.line)
+            elif item.failure is not None:
+                failures.append(item.failure)
+        self._check_state_folder()
+        meta: dict[str, str | int] = {}
+        if chunks:
+            start, fingerprint = self.out.append(b"".join(chunks))
+            pos = start
+            for r in results:
+                r.off = pos
+                pos += r.len
+            meta = {"output_size": self.out.size, "output_crc": self.out.crc,
+                    "fingerprint": fingerprint.dumps()}
+        try:
+            self.replaced += self.index.commit(results, failures, self.run_id, **meta)
+        except (sqlite3.Error, OverflowError, ValueError) as exc:
+            kept = (f"; the {len(results)} results just written are kept in {self.out.path} "
+                    "and the next run takes them over") if results else ""
+            raise StateError(f"cannot record results in the checkpoint "
+                             f"({type(exc).__name__}: {exc}){kept}") from None
+        self.committed_results += len(results)
+
+    def _check_state_folder(self) -> None:
+        """The checkpoint (and the lock beside it) removed during the run: writing on into
+        a deleted file would lose everything, and the lock no longer keeps a second run
+        out. Stop instead; the output, the durable record, is untouched."""
+        if self._index_inode is not None and _inode(self.index.path) != self._index_inode:
+            folder = self.index.path.parent if self.index.path else "the state folder"
+            raise StateError(f"{folder} was removed or replaced during the run; stopping. "
+                             "Results written so far are in the output and are kept")
+
+
+def _inode(path: object) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_ino  # type: ignore[arg-type]
+    except OSError:
+        return -1
