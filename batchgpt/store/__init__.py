@@ -24,7 +24,16 @@ from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
-from batchgpt.store.index import Index, Settled, Totals, discard, open_or_none
+from batchgpt.store.index import (
+    Index,
+    Settled,
+    Totals,
+    closed_cleanly,
+    discard,
+    forget_clean_close,
+    open_or_none,
+    record_clean_close,
+)
 from batchgpt.store.lock import JobLock, now_iso
 from batchgpt.store.output_log import OutputChanged, OutputLog, encode_line, fsync_dir, stamp
 from batchgpt.store.recover import Report, recover, trusted
@@ -70,13 +79,14 @@ class Store:
             raise StateError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._lock.acquire()
         try:
-            index, why = open_or_none(self.db_path)
+            index, why = open_or_none(self.db_path, verify=not closed_cleanly(self.db_path))
+            forget_clean_close(self.db_path)
             if index is None:
                 if why != "missing":
                     aside = discard(self.db_path)
                     log.warning("%s is %s; moved it to %s and rebuilding the index from %s",
                                 self.db_path, why, aside, self.out.path)
-                index = Index.open(self.db_path)
+                index = Index.open(self.db_path, verify=False)
             self._index = index
             self._check_owner(write=True)
             self.recovery = recover(self.out, index, self.failures_path, dry=False,
@@ -104,7 +114,8 @@ class Store:
         lost = False
         if self.db_path.exists():
             try:
-                index = Index.open_readonly(self.db_path)
+                index = Index.open_readonly(self.db_path,
+                                            verify=not closed_cleanly(self.db_path))
             except Exception as exc:  # sqlite3 errors, a damaged or foreign file
                 log.warning("%s is unreadable (%s); a run would rebuild it from %s",
                             self.db_path, exc, self.out.path)
@@ -159,6 +170,8 @@ class Store:
         self.out.close()
         if self._index is not None:
             self._index.close()
+            if not self.dry and self._index.path is not None:
+                record_clean_close(self._index.path)
             self._index = None
         self._lock.release()
 
@@ -242,7 +255,7 @@ class Store:
             moved, size, crc = self.out.write_compacted(index.live_ranges())
         except OutputChanged as exc:
             log.warning("not compacting: %s; the next run checks the whole output", exc)
-            index.set_meta(fingerprint=None)
+            index.set_meta(fingerprint=None, output_crc=None)
             return
         index.move_offsets(moved, output_size=size, output_crc=crc, dead_lines=0,
                            compacting=1, fingerprint=None)
