@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,11 +21,10 @@ from typing import Any
 import httpx2  # the openai SDK's HTTP layer, installed with it
 import openai
 
-from batchgpt.config import ApiSettings
-from batchgpt.errors import ConfigError
+# Re-exported: the runner resolves the key and base URL through this module.
+from batchgpt.credentials import SANDBOX_KEY as SANDBOX_KEY
+from batchgpt.credentials import resolve_credentials as resolve_credentials
 from batchgpt.retry import Failure, Kind
-
-SANDBOX_KEY = "sk-sandbox-not-a-real-key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,24 +48,6 @@ class Attempt:
         if self.success is not None:
             return self.success.headers
         return self.failure.headers if self.failure is not None else {}
-
-
-def resolve_credentials(api: ApiSettings, sandbox_url: str | None) -> tuple[str | None, str]:
-    """(base_url, api_key). The key's value is never put in an error message."""
-    if sandbox_url is not None:
-        return sandbox_url, SANDBOX_KEY
-    base_url = api.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    key = os.environ.get(api.api_key_env, "")
-    if not key:
-        if base_url is not None and api.api_key_env == "OPENAI_API_KEY":
-            # Local servers (vLLM, llama.cpp) usually take any key; the SDK insists on one.
-            return base_url, "sk-no-key-required"
-        raise ConfigError(
-            f"no API key: set the environment variable {api.api_key_env} (named by "
-            "api.api_key_env in the job file), or run with --sandbox to try the built-in "
-            "simulator"
-        )
-    return base_url, key
 
 
 class ChatClient:

@@ -7,37 +7,82 @@ must not silently run a job at unlimited speed.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
+import math
 import os
+import re
+import stat
 import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from batchgpt.credentials import base_url_problem, header_value_problem
 from batchgpt.errors import ConfigError
 from batchgpt.pricing import Price
+
+try:  # libyaml's parser where PyYAML was built with it: 20x faster on a big file
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # pragma: no cover - pure-Python PyYAML
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
 
 # Request keys batchgpt sets itself; a job's `params` may not set them.
 RESERVED_PARAMS = {"messages": "write messages in the input file", "stream": "streaming is not "
                    "supported in batches", "model": "use the job's `model` key"}
 
 
+# A job file is a few keys; anything bigger is data that belongs in the input file.
+MAX_JOB_FILE_BYTES = 1024 * 1024
+# Deep enough for a JSON schema in params.response_format, far from Python's recursion limit.
+MAX_YAML_DEPTH = 64
+# Values (scalars and collections): a megabyte of `[1,1,1,...]` would take seconds to build.
+MAX_YAML_VALUES = 100_000
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class SettingError(ValueError):
+    """A validator's error whose message names the key itself. ``at`` is the key path
+    below the validated field (``("temperature",)`` under ``params``), so that the
+    message can name the line of the key at fault rather than of the field."""
+
+    def __init__(self, message: str, at: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.at = at
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere: `timeout_s: .inf` would never time out, and a NaN
+    # compares false to every bound.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Limits(_Strict):
     """The account's limits for this model. Leave `rpm`/`tpm` out to learn them from the
     server's ``x-ratelimit-limit-*`` headers."""
 
-    rpm: PositiveInt | None = Field(None, description="Requests per minute to stay under.")
-    tpm: PositiveInt | None = Field(None, description="Tokens per minute to stay under.")
+    rpm: PositiveInt | None = Field(
+        None, le=10**9, description="Requests per minute to stay under."
+    )
+    tpm: PositiveInt | None = Field(None, le=10**12, description="Tokens per minute to stay under.")
     concurrency: PositiveInt | None = Field(
-        None, description="Ceiling on requests in flight (default: what the limits need)."
+        None, le=100_000,
+        description="Ceiling on requests in flight (default: what the limits need).",
     )
     max_cost_usd: PositiveFloat | None = Field(
         None, description="Stop dispatching before the spend could exceed this (USD)."
@@ -48,8 +93,10 @@ class RetryPolicy(_Strict):
     """How often and how patiently a retryable failure is tried again."""
 
     max_attempts: PositiveInt = Field(6, description="Attempts per row, the first included.")
-    initial_delay_s: PositiveFloat = Field(1.0, description="Backoff before the 2nd attempt.")
-    max_delay_s: PositiveFloat = Field(60.0, description="Cap on one backoff delay.")
+    initial_delay_s: PositiveFloat = Field(
+        1.0, le=3600, description="Backoff before the 2nd attempt."
+    )
+    max_delay_s: PositiveFloat = Field(60.0, le=3600, description="Cap on one backoff delay.")
     multiplier: float = Field(2.0, ge=1.0, description="Backoff growth per attempt.")
     jitter: float = Field(0.25, ge=0.0, le=1.0, description="Random fraction taken off a delay.")
 
@@ -64,6 +111,35 @@ class ApiSettings(_Strict):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the key.")
     organization: str | None = None
     project: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = base_url_problem(value)
+            if problem is not None:
+                raise SettingError(f"api.base_url {problem}")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_api_key_env(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):  # never quoted: it may be a pasted key
+            raise SettingError(
+                "api.api_key_env must be the name of an environment variable (letters, "
+                "digits and _, e.g. OPENAI_API_KEY), not the key itself: the key goes in "
+                "that variable, never in the job file"
+            )
+        return value
+
+    @field_validator("organization", "project")
+    @classmethod
+    def _check_header(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            problem = header_value_problem(value)
+            if problem is not None:
+                raise SettingError(f"api.{info.field_name} {problem}")
+        return value
 
 
 class JobConfig(_Strict):
@@ -83,7 +159,9 @@ class JobConfig(_Strict):
     )
     limits: Limits = Field(default_factory=Limits)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    timeout_s: PositiveFloat = Field(60.0, description="Timeout of one request, in seconds.")
+    timeout_s: PositiveFloat = Field(
+        60.0, le=86400, description="Timeout of one request, in seconds (at most a day)."
+    )
     api: ApiSettings = Field(default_factory=ApiSettings)
     pricing: dict[str, Price] = Field(
         default_factory=dict, description="USD per 1M tokens, overriding the built-in table."
@@ -94,12 +172,23 @@ class JobConfig(_Strict):
         "(rerun), keep the old result (keep), or refuse to run (error).",
     )
 
-    def model_post_init(self, __context: Any) -> None:
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                template_parts(value)
+            except ValueError as exc:
+                raise SettingError(f"prompt: {exc}") from None
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         for key, why in RESERVED_PARAMS.items():
-            if key in self.params:
-                raise ValueError(f"params.{key} is not allowed: {why}")
-        if self.prompt is not None:
-            template_fields(self.prompt)  # raises on a malformed template
+            if key in params:
+                raise SettingError(f"params.{key} is not allowed: {why}", at=(key,))
+        return {key: _json_value(value, (key,)) for key, value in params.items()}
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -129,27 +218,35 @@ class JobConfig(_Strict):
         """Read, validate and resolve a job file. Every problem is a ConfigError naming
         the file, the line and the key."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: job file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
-        return cls.from_yaml(text, path)
+        return cls.from_yaml(_read_job_file(path), path)
 
     @classmethod
     def from_yaml(cls, text: str, path: Path) -> JobConfig:
+        if len(text) > MAX_JOB_FILE_BYTES:
+            raise ConfigError(_too_big(path, len(text.encode("utf-8", "surrogatepass"))))
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            _check_events(text, path)
+            loader = _JobLoader(text)
+            try:
+                node = loader.get_single_node()
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
+        except yaml.reader.ReaderError as exc:  # a control character, say
+            line = text[: exc.position].count("\n") + 1
+            raise ConfigError(f"{path}:{line}: not valid YAML: character #x{exc.character:x} "
+                              "is not allowed in YAML text") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            problem = getattr(exc, "problem", None) or str(exc)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            context = getattr(exc, "context", None)
+            if context and problem.startswith("but "):  # "expected X, but found Y"
+                problem = f"{context}, {problem}"
             raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}:1: a job file is a mapping of keys (name, input, ...)")
-        lines = _key_lines(node)
+        lines = _key_lines(node, path)
         data.setdefault("name", path.stem)
         try:
             job = cls.model_validate(data)
@@ -166,41 +263,232 @@ class JobConfig(_Strict):
         return json.dumps(cls.model_json_schema(), indent=2)
 
 
-def template_fields(template: str) -> list[str]:
-    """Field names a prompt template uses; raises ValueError on a malformed template."""
-    names = []
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    """A prompt template as (literal text, field name or None) pairs, to render with
+    plain concatenation: ``"".join(text + (record[f] if f else "") for text, f in parts)``.
+
+    A template is field substitution and nothing else: ``{name}`` for a record's field,
+    ``{{`` and ``}}`` for literal braces. Format specs and conversions (``{text:>10}``,
+    ``{text!r}``) are refused with ValueError, as is anything that is not a field name:
+    ``str.format`` would run them, and ``{text:>300000000}`` is a 300 MB prompt."""
+    parts: list[tuple[str, str | None]] = []
     try:
-        for _, field, _, _ in string.Formatter().parse(template):
-            if field is not None:
-                if field == "" or not field.isidentifier():
-                    raise ValueError(
-                        f"prompt: '{{{field}}}' is not a field name; use {{name}} for a record's "
-                        "field and {{{{ }}}} for a literal brace"
-                    )
-                names.append(field)
+        for literal, field, spec, conversion in string.Formatter().parse(template):
+            if field is None:
+                parts.append((literal, None))
+                continue
+            shown = f"{{{_short(field)}{'!' + _short(conversion) if conversion else ''}" + (
+                f":{_short(spec)}}}" if spec else "}"
+            )
+            if spec or conversion:
+                raise ValueError(
+                    f"'{shown}': format specs and conversions are not supported; a template "
+                    "is field substitution only ({name} for a record's field), and {{ and }} "
+                    "give literal braces"
+                )
+            if not field.isidentifier():
+                raise ValueError(
+                    f"'{shown}' is not a field name; use {{name}} for a record's field, and "
+                    "{{ and }} for literal braces"
+                )
+            parts.append((literal, field))
     except ValueError as exc:
-        if str(exc).startswith("prompt:"):
+        if str(exc).startswith("'{"):
             raise
         raise ValueError(
-            f"prompt: malformed template ({exc}); use {{{{ }}}} for a literal brace"
+            f"malformed template ({exc}); use {{{{ and }}}} for literal braces"
         ) from None
-    return names
+    return parts
 
 
-def _key_lines(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML document to its 1-based line, for error messages."""
+def template_fields(template: str) -> list[str]:
+    """Field names a prompt template uses; raises ValueError on a malformed template
+    (see :func:`template_parts`)."""
+    return [field for _, field in template_parts(template) if field is not None]
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# -- reading the file --------------------------------------------------------------------
+def _read_job_file(path: Path) -> str:
+    """The job file's text. Refuses anything but a regular file before opening it (a FIFO
+    would block the open forever, /dev/stdin would wait for a terminal), and anything
+    over MAX_JOB_FILE_BYTES."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
+    except ValueError:  # an embedded NUL byte
+        raise ConfigError(f"{path}: not a valid file name") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); a job "
+                          "file must be a regular YAML file")
+    if info.st_size > MAX_JOB_FILE_BYTES:
+        raise ConfigError(_too_big(path, info.st_size))
+    # O_NONBLOCK: should the path be swapped for a FIFO after the check, open still returns.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        opened = os.fstat(fh.fileno())
+        if not stat.S_ISREG(opened.st_mode):
+            raise ConfigError(f"{path}: not a regular file ({_file_kind(opened.st_mode)})")
+        try:
+            raw = fh.read(MAX_JOB_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        raise ConfigError(_too_big(path, len(raw)))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start + 1}); save the "
+                          "job file as UTF-8") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _too_big(path: Path, size: int) -> str:
+    return (f"{path}: the job file is {size:,} bytes, more than the {MAX_JOB_FILE_BYTES:,} "
+            "a job file may have; data belongs in the input file")
+
+
+# -- YAML --------------------------------------------------------------------------------
+def _check_events(text: str, path: Path) -> None:
+    """Refuse aliases and deep nesting from the event stream, before anything is composed
+    or constructed: a few hundred bytes of nested aliases (the "billion laughs") expand to
+    gigabytes, and deep nesting exhausts the composer's recursion."""
+    depth = values = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            values += 1
+            if values > MAX_YAML_VALUES:
+                line = event.start_mark.line + 1 if event.start_mark is not None else 1
+                raise ConfigError(f"{path}:{line}: more than {MAX_YAML_VALUES:,} values; a job "
+                                  "file is a few keys, data belongs in the input file")
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1 if event.start_mark is not None else 1
+            raise ConfigError(
+                f"{path}:{line}: YAML aliases (*{_short(str(event.anchor), 20)}) are not "
+                "allowed in a job file; write the value out in full"
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark is not None else 1
+                raise ConfigError(f"{path}:{line}: nested more than {MAX_YAML_DEPTH} levels "
+                                  "deep; a job file is a few keys")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _JobLoader(_SafeLoader):
+    """SafeLoader whose values that Python cannot build (an integer of 5,000 digits, the
+    date 2024-13-45) are YAML errors with a line, not a ValueError and a traceback."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({str(exc).split(';')[0][:100]})",
+                node.start_mark,
+            ) from None
+
+
+def _key_lines(node: yaml.Node | None, path: Path) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line, for error messages.
+    A key written twice in one mapping is an error: YAML would silently keep the last."""
     out: dict[tuple[str, ...], int] = {}
 
     def walk(n: yaml.Node, prefix: tuple[str, ...]) -> None:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 key = (*prefix, str(key_node.value))
-                out[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    raise ConfigError(f"{path}:{line}: duplicate key '{'.'.join(key)}' (first "
+                                      f"on line {out[key]})")
+                out[key] = line
                 walk(value_node, key)
 
     if node is not None:
         walk(node, ())
     return out
+
+
+def _json_value(value: Any, at: tuple[str, ...]) -> Any:
+    """``value`` as JSON will carry it (integer keys as strings, as ``json.dumps`` writes
+    them; YAML reads ``logit_bias: {50256: -100}`` with integer keys), or SettingError
+    naming the key path under ``params``."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return value
+        raise SettingError(f"params.{_dotted(at)} is an integer beyond 64 bits, which the "
+                           "server cannot read", at)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise SettingError(f"params.{_dotted(at)} is not a finite number; JSON has no NaN or "
+                           "infinity", at)
+    if isinstance(value, list):
+        return [_json_value(v, (*at, f"[{i}]")) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, str | int):
+                raise SettingError(f"params.{_dotted(at)} has a key that YAML reads as "
+                                   f"{_kind(k)}; quote the key", at)
+            out[str(k)] = _json_value(v, (*at, str(k)))
+        return out
+    raise SettingError(f"params.{_dotted(at)} is {_kind(value)}, which JSON cannot carry"
+                       f"{_quote_hint(value)}", at)
+
+
+def _dotted(at: tuple[str, ...]) -> str:
+    return "".join(p if p.startswith("[") or not i else f".{p}" for i, p in enumerate(at))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, datetime.datetime):
+        return "a timestamp"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, bytes):
+        return "binary data (!!binary)"
+    if isinstance(value, set | frozenset):
+        return "a set (!!set)"
+    if isinstance(value, float):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def _quote_hint(value: Any) -> str:
+    if isinstance(value, datetime.date):
+        return "; quote it (\"2024-01-01\") to send it as a string"
+    if isinstance(value, set | frozenset | tuple):
+        return "; write a list"
+    return ""
 
 
 def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
@@ -220,6 +508,14 @@ def _explain(exc: ValidationError, path: Path, lines: Mapping[tuple[str, ...], i
     messages = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, SettingError):  # the message names its key itself
+            loc = (*loc, *cause.at)
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines),
+                        None)
+            messages.append(f"{path}:{line}: {cause.message}" if line else
+                            f"{path}: {cause.message}")
+            continue
         dotted = ".".join(loc) or "(top level)"
         line = None
         for n in range(len(loc), 0, -1):
