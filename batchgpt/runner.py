@@ -478,7 +478,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
             return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est)
         _check_budget_prices(job)
         if plan.to_send and not options.sandbox:
-            from batchgpt.client import resolve_credentials
+            from batchgpt.credentials import resolve_credentials
 
             resolve_credentials(job.api, None)  # a missing or bad key: before anything moves
         moved: list[tuple[Path, Path]] = []
@@ -534,7 +534,8 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                 sim = Simulator(options.sandbox_config or SimulatorConfig())
                 sandbox_url = await sim.start()
                 log.info("sandbox: built-in simulator at %s (no API key used)", sandbox_url)
-            from batchgpt.client import ChatClient, resolve_credentials
+            from batchgpt.client import ChatClient
+            from batchgpt.credentials import resolve_credentials
 
             base_url, key = resolve_credentials(job.api, sandbox_url)
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
