@@ -590,7 +590,9 @@ def _check_limit(name: str, value: float | None) -> None:
 
 
 def _fmt(limit: float) -> str:
-    """A limit for a log line: ``600``, ``1,000,000``, ``0.5``."""
+    """A limit for a log line: ``600``, ``1,000,000``, ``0.5`` (configured limits may be
+    ints, learned ones are floats)."""
+    limit = float(limit)
     if limit.is_integer() and abs(limit) < 1e15:
         return f"{int(limit):,}"
     return f"{limit:g}"
