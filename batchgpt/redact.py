@@ -29,6 +29,7 @@ The redactor is immutable and never shows its secrets (``repr`` gives only a cou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -53,8 +54,11 @@ def _forms(secret: str) -> set[str]:
     and not, with and without ``\\/``) and percent-encoded."""
     escaped = json.dumps(secret)[1:-1]
     unicode = json.dumps(secret, ensure_ascii=False)[1:-1]
-    return {secret, escaped, escaped.replace("/", "\\/"), unicode,
-            unicode.replace("/", "\\/"), quote(secret, safe="")}
+    forms = {secret, escaped, escaped.replace("/", "\\/"), unicode,
+             unicode.replace("/", "\\/")}
+    with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate has no URL spelling
+        forms.add(quote(secret, safe="", errors="surrogateescape"))
+    return forms
 
 
 def _encode(text: str) -> bytes | None:
