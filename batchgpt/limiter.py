@@ -194,8 +194,10 @@ class RateLimiter:
       cannot stall a run: the lowest it can set is an empty bucket (negative,
       non-finite and malformed values are dropped), refill goes on at our own rate
       whatever it says, and nothing waits on the server's reset time. A server that
-      says ``remaining: 0`` on every answer costs at most the refill between two
-      answers, never the run.
+      says ``remaining: 0`` on every answer throws away less than one request's worth
+      of refill per answer, and answers come only from requests sent, so it slows a
+      run to no less than about half the limit (two thirds in
+      ``tests/test_limiter.py``), never stops it.
     * ``x-ratelimit-reset-requests`` / ``-tokens``: not used for the level. For OpenAI
       it is the time until the server's whole minute is refilled, ``(limit −
       remaining) / (limit / 60 s)``, which adds nothing to limit and remaining and is
