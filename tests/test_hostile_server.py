@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from batchgpt.client import ChatClient
+from batchgpt.config import RetryPolicy
 from batchgpt.pricing import MAX_TOKEN_COUNT, PRICES, Usage, cost_usd, resolve_price
 from batchgpt.redact import REDACTED, Redactor
+from batchgpt.retry import Action, Kind, decide
 from batchgpt.simulator import FaultConfig, Simulator, SimulatorConfig, SimulatorThread
 from tests.conftest import JobFiles, articles
 
@@ -319,6 +322,40 @@ async def test_a_lone_surrogate_in_a_reply_crashes_nothing_in_the_client_or_pric
     assert dropped == ("completion_tokens",) and usage.completion_tokens == 0
     assert resolve_price(success.body["model"]) is None
     assert cost_usd(usage, resolve_price(success.body["model"])) is None
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_a_body_nested_past_what_json_can_parse_is_a_failure_not_a_crash(
+    status: int,
+) -> None:
+    """The simulator's own encoder cannot nest this deep, so a bare aiohttp server on
+    loopback sends it: real HTTP through the real SDK, like every other test here."""
+    deep = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.Response(status=status, body=deep, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    chat = ChatClient(base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET, timeout_s=5)
+    try:
+        attempt = await chat.complete(BODY)
+    finally:
+        await chat.aclose()
+        await runner.cleanup()
+    failure = attempt.failure
+    assert failure is not None and failure.status == status
+    assert failure.kind is (Kind.DECODE if status == 200 else Kind.HTTP)
+    assert decide(failure, 1, RetryPolicy(), 0.0).action is Action.RETRY
+    assert len(failure.message) <= 500
+    assert seen == [f"Bearer {SECRET}"]
 
 
 # -- whole runs through the CLI ------------------------------------------------------------------
