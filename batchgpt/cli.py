@@ -37,6 +37,7 @@ JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_defaul
 P = ParamSpec("P")
 R = TypeVar("R")
 _crash_dir: Path | None = None  # where a traceback goes: the job's state folder, once known
+_secrets: list[str | None] = []  # what a crash report must not contain, once known
 
 
 def _guarded(command: Callable[P, R]) -> Callable[P, R]:
@@ -57,13 +58,15 @@ def _guarded(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(ExitCode.SIGINT) from None
         except Exception as exc:
             from batchgpt.crash import write_crash_report
+            from batchgpt.redact import Redactor
 
+            scrub = Redactor(_secrets).text
             try:
-                where = f"the traceback is in {write_crash_report(exc, _crash_dir)}"
+                where = f"the traceback is in {write_crash_report(exc, _crash_dir, scrub)}"
             except OSError:
                 where = "no traceback file could be written"
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} — a bug in batchgpt; "
-                       f"{where}. Results already written are kept.", err=True)
+            typer.echo(scrub(f"internal error: {type(exc).__name__}: {exc} — a bug in "
+                             f"batchgpt; {where}. Results already written are kept."), err=True)
             raise typer.Exit(ExitCode.SOFTWARE) from None
 
     return wrapper
@@ -91,6 +94,7 @@ def _load(job_path: Path) -> JobConfig:
     except BatchGPTError as exc:
         _fail(exc)
     _crash_dir = job.state_dir
+    _secrets[:] = [os.environ.get(job.api.api_key_env)]
     return job
 
 

@@ -7,6 +7,13 @@ default one; the request goes through the SDK's generic ``post`` (auth, base URL
 timeouts, typed errors) with the body as the exact JSON to send, and the response is read
 raw and parsed once with ``json.loads`` rather than through the SDK's pydantic models,
 which the output file doesn't need (docs/decisions.md, docs/performance.md).
+
+Whatever the server says is treated as hostile on its way to the files: every
+:class:`~batchgpt.retry.Failure` built here (message, code, type, request id, body,
+headers, exception text) and every reply in which the key occurs pass through the run's
+:class:`~batchgpt.redact.Redactor` first (a proxy's 401 may echo ``Bearer sk-…``), text is
+redacted *before* it is cut to length (so no key prefix survives a cut), and a body too
+deeply nested to parse is a retryable ``invalid_response``, not a crash.
 """
 
 from __future__ import annotations
@@ -21,9 +28,7 @@ from typing import Any
 import httpx2  # the openai SDK's HTTP layer, installed with it
 import openai
 
-# Re-exported: the runner resolves the key and base URL through this module.
-from batchgpt.credentials import SANDBOX_KEY as SANDBOX_KEY
-from batchgpt.credentials import resolve_credentials as resolve_credentials
+from batchgpt.redact import Redactor
 from batchgpt.retry import Failure, Kind
 
 
@@ -51,7 +56,11 @@ class Attempt:
 
 
 class ChatClient:
-    """Sends one request at a time per call; safe to share across tasks."""
+    """Sends one request at a time per call; safe to share across tasks.
+
+    ``redact`` holds the run's secrets; the client always adds its own ``api_key`` (and a
+    password in ``base_url``) to it, so a caller that passes none is protected too.
+    """
 
     def __init__(
         self,
@@ -62,8 +71,10 @@ class ChatClient:
         max_connections: int = 256,
         organization: str | None = None,
         project: str | None = None,
+        redact: Redactor | None = None,
     ) -> None:
         self._timeout = timeout_s
+        self._redact = (redact or Redactor()).with_secrets(api_key, _url_password(base_url))
         http_client = _http_client(max_connections)
         self._sdk = openai.AsyncOpenAI(
             api_key=api_key,
@@ -79,6 +90,7 @@ class ChatClient:
         await self._sdk.close()
 
     async def complete(self, body: Mapping[str, Any]) -> Attempt:
+        redact = self._redact
         start = time.perf_counter()
         try:
             # The SDK's own request path (auth, base URL, headers, timeouts, the typed
@@ -96,38 +108,50 @@ class ChatClient:
             latency = time.perf_counter() - start
             dropped = _connection_cause(exc)
             if dropped is not None:  # the aiohttp transport reports drops as timeouts
-                return Attempt(None, Failure(Kind.CONNECTION, f"connection failed: {dropped}"),
-                               latency)
+                return Attempt(None, Failure(Kind.CONNECTION, _human(
+                    redact, f"connection failed: {dropped}", 500)), latency)
             return Attempt(None, Failure(Kind.TIMEOUT, f"no answer within {self._timeout:g}s"),
                            latency)
         except openai.APIConnectionError as exc:
             latency = time.perf_counter() - start
             cause = exc.__cause__ or exc
-            return Attempt(None, Failure(Kind.CONNECTION, f"connection failed: "
-                                         f"{type(cause).__name__}: {cause}"[:500]), latency)
+            return Attempt(None, Failure(Kind.CONNECTION, _human(
+                redact, f"connection failed: {type(cause).__name__}: {cause}", 500)), latency)
         except openai.APIStatusError as exc:
             latency = time.perf_counter() - start
-            return Attempt(None, _status_failure(exc), latency)
+            return Attempt(None, _status_failure(exc, redact), latency)
         except openai.APIError as exc:  # e.g. a response the SDK could not read
             latency = time.perf_counter() - start
-            return Attempt(None, Failure(Kind.DECODE, f"unreadable response: {exc}"[:500]),
-                           latency)
+            return Attempt(None, Failure(Kind.DECODE, _human(
+                redact, f"unreadable response: {exc}", 500)), latency)
         latency = time.perf_counter() - start
         headers = raw.headers
+        content = raw.content
         request_id = headers.get("x-request-id")
+        if request_id is not None:
+            request_id = _human(redact, request_id, 200)
         try:
-            parsed = json.loads(raw.content)
-        except ValueError:
+            parsed = json.loads(content)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past parsing
             parsed = None
         if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
-            text = raw.content[:200].decode("utf-8", "replace")
+            # Redact before cutting: a key across the cut would leave its prefix behind.
+            head = redact.data(content[:200 + _MARGIN])[:200].decode("utf-8", "replace")
             return Attempt(
                 None,
-                Failure(Kind.DECODE, f"HTTP {raw.status_code} with a body that is not a "
-                        f"chat.completion: {text!r}", status=raw.status_code,
-                        headers=headers, request_id=request_id),
+                Failure(Kind.DECODE, _human(redact, f"HTTP {raw.status_code} with a body that "
+                        f"is not a chat.completion: {head!r}", 500), status=raw.status_code,
+                        headers=redact.headers(headers), request_id=request_id),
                 latency,
             )
+        if redact.found_in_json(content):  # rare; a few bytes.find on the hot path
+            cleaned = redact.value(parsed)
+            if not isinstance(cleaned, dict):  # too deep to clean: keep none of it
+                return Attempt(None, Failure(
+                    Kind.DECODE, f"HTTP {raw.status_code} with a chat.completion too deeply "
+                    "nested to clean of secrets", status=raw.status_code,
+                    headers=redact.headers(headers), request_id=request_id), latency)
+            parsed = cleaned
         return Attempt(Success(parsed, headers, request_id, latency), None, latency)
 
 
@@ -155,35 +179,81 @@ def _connection_cause(exc: BaseException) -> str | None:
     return None
 
 
-def _status_failure(exc: openai.APIStatusError) -> Failure:
+def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
+    """A Failure from an error status, with every string the server chose redacted."""
     body: object = exc.body
     try:  # keep the body as the server sent it ({"error": {...}}), not the SDK's unwrapping
         raw = exc.response.json()
         if isinstance(raw, dict):
             body = raw
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
+    body = redact.value(body)  # code, type and message below come from the clean copy
     err = body.get("error", body) if isinstance(body, dict) else None
     code = type_ = None
     message = ""
     if isinstance(err, dict):
-        code = _str(err.get("code"))
-        type_ = _str(err.get("type"))
-        message = _str(err.get("message")) or ""
-    if not message:
-        text = exc.response.text[:300] if exc.response is not None else ""
-        message = text or exc.message
+        code = _label(err.get("code"))
+        type_ = _label(err.get("type"))
+        message = _human(redact, _str(err.get("message")) or "", MAX_MESSAGE_CHARS)
+    if not message:  # a gateway's HTML page, say: its start is the message
+        text = exc.response.text if exc.response is not None else ""
+        message = _human(redact, text or exc.message, 300)
+    request_id = exc.request_id
     return Failure(
         Kind.HTTP,
         message,
         status=exc.status_code,
         code=code,
         type=type_,
-        headers=exc.response.headers,
+        headers=redact.headers(exc.response.headers),
         body=body,
-        request_id=exc.request_id,
+        request_id=None if request_id is None else _human(redact, request_id, 200),
     )
+
+
+# Bytes read past a cut so that a secret straddling it is still seen whole.
+_MARGIN = 1024
+# A server's error message goes to logs, the summary and the checkpoint: this much of it.
+MAX_MESSAGE_CHARS = 2000
+
+
+def _human(redact: Redactor | None, text: str, limit: int) -> str:
+    r"""Server text made safe for a message, a log line and the checkpoint: redacted, then
+    cut to ``limit`` characters (in that order, so no prefix of a secret survives the
+    cut), and with lone surrogates (legal in JSON as ``\ud800``, but not encodable as
+    UTF-8, so they would break a log file or a SQLite column) replaced by ``?``."""
+    if redact is not None:
+        text = redact.text(text)
+    text = text[:limit]
+    return text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _label(value: object) -> str | None:
+    """An error ``code`` or ``type`` (from the already redacted body): it becomes a
+    metrics label and a checkpoint column, so a hostile server gets at most 100
+    characters of it, cleaned of lone surrogates like a message."""
+    text = _str(value)
+    return None if text is None else _human(None, text, 100)
 
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _url_password(base_url: str | None) -> str | None:
+    """The password in ``https://user:password@host/…``, a secret like the key."""
+    if not base_url:
+        return None
+    try:
+        return httpx2.URL(base_url).password or None
+    except Exception:  # an unparseable URL has no password to protect, and fails later
+        return None

@@ -16,6 +16,7 @@ and neither can be corrected by the server's headers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -28,7 +29,20 @@ from typing import ClassVar
 from .clock import Clock, SystemClock
 from .errors import RequestTooLarge
 
-__all__ = ["RateLimiter", "parse_go_duration", "parse_retry_after"]
+__all__ = [
+    "MAX_RETRY_AFTER_S",
+    "RateLimiter",
+    "header",
+    "parse_go_duration",
+    "parse_retry_after",
+]
+
+log = logging.getLogger("batchgpt")
+
+# A wait hint longer than a day is not a hint but a broken or hostile server: no real limit
+# (daily ones included) asks for more, and taken at face value it would park a row, or the
+# whole run, forever.
+MAX_RETRY_AFTER_S = 86_400.0
 
 # Two instants closer than this are the same instant. Float arithmetic on refill times
 # (t0 + deficit / rate) is off in the last bits; without a tolerance, a timer that fires
@@ -154,6 +168,21 @@ class RateLimiter:
       *learned* when the limiter was built with ``None``, and they lower a configured
       limit that is higher than the server's (the server rejects anything above its
       own). A configured limit below the server's is kept: it may be deliberate.
+
+      **A stated limit is believed only when it is plausible**, because batchgpt runs
+      unattended against proxies it does not control and one lying header would
+      otherwise decide the whole run: ``limit-requests: 0.001`` paces at one request
+      every 17 hours (a run that stalls forever), ``limit-tokens: 1`` turns every row
+      into a permanent ``request_too_large``. A value is ignored when it is below
+      ``MIN_SERVER_RPM`` (1 request/min) or ``MIN_SERVER_TPM`` (1,000 tokens/min),
+      above ``MAX_SERVER_RPM`` / ``MAX_SERVER_TPM`` (more than any account has; such
+      a rate would also overflow the concurrency arithmetic), or more than
+      ``MAX_LOWERING`` (100×) below the configured limit, or, with none configured,
+      below the highest limit the server stated before (so a sequence of smaller lies
+      cannot ratchet the limit down either). Each ignored header is logged once per
+      limiter (logger ``"batchgpt"``, a warning naming the value and the limit kept);
+      later lies of the same header are ignored silently. ``0`` is read as "not
+      stated", as before, without a warning.
     * ``x-ratelimit-remaining-requests`` / ``-tokens``: requests/tokens the server will
       still accept right now, in the same units as a bucket's level. Another process on
       the same key spends from the same server budget, so when ``remaining`` is below
@@ -161,7 +190,14 @@ class RateLimiter:
       accounting stays the ceiling: responses arrive out of order and late). No
       rescaling is needed between the server's minute-sized budget and our
       second-sized bucket: both count what may go *now*, and our level is at most one
-      burst, so only a nearly exhausted server budget lowers it.
+      burst, so only a nearly exhausted server budget lowers it. A lying ``remaining``
+      cannot stall a run: the lowest it can set is an empty bucket (negative,
+      non-finite and malformed values are dropped), refill goes on at our own rate
+      whatever it says, and nothing waits on the server's reset time. A server that
+      says ``remaining: 0`` on every answer throws away less than one request's worth
+      of refill per answer, and answers come only from requests sent, so it slows a
+      run to no less than about half the limit (two thirds in
+      ``tests/test_limiter.py``), never stops it.
     * ``x-ratelimit-reset-requests`` / ``-tokens``: not used for the level. For OpenAI
       it is the time until the server's whole minute is refilled, ``(limit −
       remaining) / (limit / 60 s)``, which adds nothing to limit and remaining and is
@@ -194,18 +230,27 @@ class RateLimiter:
         "_requests",
         "_rpm",
         "_server_rpm",
+        "_server_rpm_peak",
         "_server_tpm",
+        "_server_tpm_peak",
         "_timer",
         "_timer_at",
         "_tokens",
         "_tpm",
         "_waiting",
+        "_warned",
     )
 
     SLOW_DOWN_FACTOR: ClassVar[float] = 0.7  # multiplicative decrease per slow_down()
     MIN_FACTOR: ClassVar[float] = 0.1  # never below 10 % of the limit
     SLOW_DOWN_COOLDOWN_S: ClassVar[float] = 1.0  # slow_down() calls this close count once
     RECOVERY_PER_S: ClassVar[float] = 0.05  # additive increase per second of successes
+    # Plausible server-stated limits, per minute (see "Server feedback" above).
+    MIN_SERVER_RPM: ClassVar[float] = 1.0
+    MIN_SERVER_TPM: ClassVar[float] = 1_000.0
+    MAX_SERVER_RPM: ClassVar[float] = 1e9
+    MAX_SERVER_TPM: ClassVar[float] = 1e12
+    MAX_LOWERING: ClassVar[float] = 100.0  # a header may lower a limit at most this many times
 
     def __init__(
         self,
@@ -225,6 +270,9 @@ class RateLimiter:
         self._configured_tpm = tpm
         self._server_rpm: float | None = None
         self._server_tpm: float | None = None
+        self._server_rpm_peak: float | None = None  # the highest limit the server stated
+        self._server_tpm_peak: float | None = None
+        self._warned: set[str] = set()  # header names already warned about
         self._rpm: float | None = None
         self._tpm: float | None = None
         self._requests: _Bucket | None = None
@@ -301,16 +349,23 @@ class RateLimiter:
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Correct the budget from a response's ``x-ratelimit-*`` headers (see the class
-        docstring for the mapping). Missing or malformed headers are ignored."""
+        docstring for the mapping). Missing or malformed headers are ignored, and so are
+        implausible limits (logged once per header name)."""
         now = self._clock.monotonic()
-        limit_requests = _header_number(headers, "x-ratelimit-limit-requests")
-        limit_tokens = _header_number(headers, "x-ratelimit-limit-tokens")
+        limit_requests = self._plausible_limit(
+            headers, "x-ratelimit-limit-requests", "requests", self._configured_rpm,
+            self._server_rpm_peak, self.MIN_SERVER_RPM, self.MAX_SERVER_RPM, self._rpm)
+        limit_tokens = self._plausible_limit(
+            headers, "x-ratelimit-limit-tokens", "tokens", self._configured_tpm,
+            self._server_tpm_peak, self.MIN_SERVER_TPM, self.MAX_SERVER_TPM, self._tpm)
         changed = False
-        if limit_requests and limit_requests != self._server_rpm:
+        if limit_requests is not None and limit_requests != self._server_rpm:
             self._server_rpm = limit_requests
+            self._server_rpm_peak = max(limit_requests, self._server_rpm_peak or 0.0)
             changed = True
-        if limit_tokens and limit_tokens != self._server_tpm:
+        if limit_tokens is not None and limit_tokens != self._server_tpm:
             self._server_tpm = limit_tokens
+            self._server_tpm_peak = max(limit_tokens, self._server_tpm_peak or 0.0)
             changed = True
         if changed:
             self._apply_limits(now)
@@ -387,6 +442,43 @@ class RateLimiter:
         )
 
     # -- internals -------------------------------------------------------------------
+
+    def _plausible_limit(
+        self,
+        headers: Mapping[str, str],
+        name: str,
+        unit: str,
+        configured: float | None,
+        peak: float | None,
+        floor: float,
+        ceiling: float,
+        in_force: float | None,
+    ) -> float | None:
+        """The per-minute limit the header ``name`` states, or None when it states none
+        or one not to be believed (then a warning, once per header name)."""
+        value = _header_number(headers, name)
+        if not value:  # absent, malformed, negative, or 0 ("not stated")
+            return None
+        if value < floor:
+            why = f"below the floor of {_fmt(floor)} {unit}/min"
+        elif value > ceiling:
+            why = f"above {_fmt(ceiling)} {unit}/min, more than any account has"
+        elif configured is not None and value * self.MAX_LOWERING < configured:
+            why = (f"more than {self.MAX_LOWERING:g}x below the configured limit of "
+                   f"{_fmt(configured)} {unit}/min")
+        elif configured is None and peak is not None and value * self.MAX_LOWERING < peak:
+            why = (f"more than {self.MAX_LOWERING:g}x below the {_fmt(peak)} {unit}/min the "
+                   "server stated earlier")
+        else:
+            return value
+        if name not in self._warned:
+            self._warned.add(name)
+            kept = ("no limit (none configured or learned yet)" if in_force is None
+                    else f"the limit of {_fmt(in_force)} {unit}/min")
+            log.warning("ignoring the server's %s: %g (%s); keeping %s. Later values of "
+                        "this header that are as implausible are ignored without a warning.",
+                        name, value, why, kept)
+        return None
 
     def _ready_at(self, tokens: int, now: float) -> float:
         ready = max(now, self._paused_until)
@@ -499,6 +591,15 @@ def _check_limit(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be a positive number or None, not {value!r}")
 
 
+def _fmt(limit: float) -> str:
+    """A limit for a log line: ``600``, ``1,000,000``, ``0.5`` (configured limits may be
+    ints, learned ones are floats)."""
+    limit = float(limit)
+    if limit.is_integer() and abs(limit) < 1e15:
+        return f"{int(limit):,}"
+    return f"{limit:g}"
+
+
 def _lower(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
@@ -569,43 +670,56 @@ def parse_retry_after(
     header, more precise), ``retry-after`` (seconds, or an HTTP date, taken relative to
     ``now``, a Unix time defaulting to ``time.time()``), and finally a phrase in the
     error message such as "Please try again in 9.816s" / "in 120ms" / "in 1m30s" /
-    "in 20 seconds". A malformed or negative value falls through to the next source.
+    "in 20 seconds".
+
+    A malformed, negative, non-finite (``nan``, ``inf``, ``1e999``) or absurd value
+    (longer than ``MAX_RETRY_AFTER_S``, a day) falls through to the next source, so the
+    result is always None or a finite number of seconds in ``[0, MAX_RETRY_AFTER_S]``
+    that a caller may sleep on; never an exception, whatever the server sent.
     """
-    value = _header(headers, "retry-after-ms")
+    value = header(headers, "retry-after-ms")
     if value is not None:
         ms = _number(value)
-        if ms is not None:
+        if ms is not None and _plausible_wait(ms / 1000.0):
             return ms / 1000.0
-    value = _header(headers, "retry-after")
+    value = header(headers, "retry-after")
     if value is not None:
         seconds = _number(value)
-        if seconds is not None:
-            return seconds
-        seconds = _http_date_delay(value, now)
-        if seconds is not None:
+        if seconds is None:
+            seconds = _http_date_delay(value, now)
+        if seconds is not None and _plausible_wait(seconds):
             return seconds
     if message:
         match = _TRY_AGAIN_GO.search(message)
         if match:
-            return parse_go_duration(match.group(1))
+            seconds = parse_go_duration(match.group(1))
+            if seconds is not None and _plausible_wait(seconds):
+                return seconds
         match = _TRY_AGAIN_WORDS.search(message)
         if match:
-            return float(match.group(1)) * _WORD_UNITS[match.group(2)[:3].lower()]
+            seconds = float(match.group(1)) * _WORD_UNITS[match.group(2)[:3].lower()]
+            if _plausible_wait(seconds):
+                return seconds
     return None
+
+
+def _plausible_wait(seconds: float) -> bool:
+    return math.isfinite(seconds) and 0.0 <= seconds <= MAX_RETRY_AFTER_S
 
 
 def _http_date_delay(value: str, now: float | None) -> float | None:
     try:
         when = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses naive
+            when = when.replace(tzinfo=timezone.utc)
+        stamp = when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses naive
-        when = when.replace(tzinfo=timezone.utc)
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return max(0.0, stamp - current)
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def header(headers: Mapping[str, str], name: str) -> str | None:
     """``headers[name]`` for a lower-case ``name``, whatever the mapping's key case:
     httpx and aiohttp headers match case-insensitively themselves, a plain dict may
     not."""
@@ -627,5 +741,5 @@ def _number(value: object) -> float | None:
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
-    value = _header(headers, name)
+    value = header(headers, name)
     return None if value is None else _number(value)

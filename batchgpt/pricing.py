@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -142,21 +142,50 @@ def resolve_price(model: str, overrides: Mapping[str, Price] | None = None) -> P
     return None
 
 
-def _count(value: Any) -> int:
-    """A token count from a server's JSON, or 0: OpenAI-compatible servers omit fields,
-    send null, or (rarely) send floats; none of that should break accounting."""
-    if isinstance(value, bool):
+MAX_TOKEN_COUNT = 10**12
+"""The most tokens one reply's ``usage`` field may claim. Far above any real reply (a
+million-token context is 10**6), far below what breaks storage: SQLite's INTEGER holds
+9.2 * 10**18, so even a million rows at this cap sum without overflow."""
+
+
+def _count(value: Any, path: str, dropped: list[str]) -> int:
+    """A token count from a server's JSON, or 0.
+
+    Missing and null fields are 0 without a word: OpenAI-compatible servers (vLLM,
+    llama.cpp, proxies) often omit them. Anything else that is not a non-negative integer
+    up to ``MAX_TOKEN_COUNT`` (an integral float such as ``10.0`` counts as one) is 0 and
+    its ``path`` is added to ``dropped``: ``10**30`` would overflow the checkpoint's
+    INTEGER columns and stop the run, a negative, fractional, string, boolean or nested
+    value is a broken server, and guessing would put a wrong number into a cost report.
+    """
+    if value is None:
         return 0
-    if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, float) and value.is_integer():
-        return max(int(value), 0)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= MAX_TOKEN_COUNT:
+            return value
+    elif isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_TOKEN_COUNT:
+        return int(value)
+    dropped.append(path)
     return 0
 
 
-def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def _details(usage: Mapping[str, Any], key: str, dropped: list[str]) -> Mapping[str, Any]:
     details = usage.get(key)
-    return details if isinstance(details, Mapping) else {}
+    if details is None:
+        return {}
+    if isinstance(details, Mapping):
+        return details
+    dropped.append(key)
+    return {}
+
+
+class UsageReading(NamedTuple):
+    """What :meth:`Usage.parse_response` read: the counts, and the fields whose values were
+    not believable token counts (dotted paths such as ``"prompt_tokens"`` or
+    ``"prompt_tokens_details.cached_tokens"``; empty when all was well)."""
+
+    usage: Usage
+    dropped: tuple[str, ...]
 
 
 class Usage(BaseModel):
@@ -175,26 +204,43 @@ class Usage(BaseModel):
     reasoning_tokens: int = Field(default=0, ge=0)
 
     @classmethod
-    def from_response(cls, usage: Mapping[str, Any] | None) -> Usage:
-        """Read a chat.completion ``usage`` object (as parsed JSON).
+    def from_response(cls, usage: object) -> Usage:
+        """Read a chat.completion ``usage`` object (as parsed JSON), whatever it holds.
 
         Missing, null or malformed fields count as 0, and a missing ``total_tokens`` is
         computed, because OpenAI-compatible servers (vLLM, llama.cpp, proxies) often send
-        only ``prompt_tokens`` and ``completion_tokens``, or no ``usage`` at all.
+        only ``prompt_tokens`` and ``completion_tokens``, or no ``usage`` at all. Values
+        that are not non-negative integers up to ``MAX_TOKEN_COUNT`` count as 0 too;
+        :meth:`parse_response` also says which fields those were, for a caller to log.
         """
+        return cls.parse_response(usage).usage
+
+    @classmethod
+    def parse_response(cls, usage: object) -> UsageReading:
+        """:meth:`from_response`, and which fields were dropped (see :class:`UsageReading`).
+
+        A dropped ``total_tokens`` is recomputed from the prompt and completion counts, as
+        a missing one is. A ``usage`` that is neither an object nor null is dropped whole
+        (path ``"usage"``).
+        """
+        dropped: list[str] = []
+        if usage is None:
+            return UsageReading(cls(), ())
         if not isinstance(usage, Mapping):
-            return cls()
-        prompt = _count(usage.get("prompt_tokens"))
-        completion = _count(usage.get("completion_tokens"))
-        total = _count(usage.get("total_tokens")) or prompt + completion
-        return cls(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            cached_tokens=_count(_details(usage, "prompt_tokens_details").get("cached_tokens")),
-            reasoning_tokens=_count(
-                _details(usage, "completion_tokens_details").get("reasoning_tokens")
-            ),
+            return UsageReading(cls(), ("usage",))
+        prompt = _count(usage.get("prompt_tokens"), "prompt_tokens", dropped)
+        completion = _count(usage.get("completion_tokens"), "completion_tokens", dropped)
+        total = _count(usage.get("total_tokens"), "total_tokens", dropped) or prompt + completion
+        cached = _count(
+            _details(usage, "prompt_tokens_details", dropped).get("cached_tokens"),
+            "prompt_tokens_details.cached_tokens", dropped)
+        reasoning = _count(
+            _details(usage, "completion_tokens_details", dropped).get("reasoning_tokens"),
+            "completion_tokens_details.reasoning_tokens", dropped)
+        return UsageReading(
+            cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+                cached_tokens=cached, reasoning_tokens=reasoning),
+            tuple(dropped),
         )
 
     def __add__(self, other: object) -> Usage:

@@ -6,7 +6,8 @@ table in ``tests/test_retry.py`` pin every row of OpenAI's error table down.
 
 The openai SDK has its own retry loop, but it retries ``insufficient_quota`` (it looks at
 the status only) and hides attempts from the limiter, so batchgpt builds its client with
-``max_retries=0`` and decides here instead.
+``max_retries=0`` and decides here instead. What the SDK's loop does right is kept: the
+server's ``x-should-retry`` header overrides the status table (see :func:`decide`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from batchgpt.config import RetryPolicy
-from batchgpt.limiter import parse_retry_after
+from batchgpt.limiter import header, parse_retry_after
 
 QUOTA_CODES = frozenset(
     {
@@ -112,13 +113,44 @@ def backoff(attempt: int, policy: RetryPolicy, rand: float) -> float:
     return min(policy.max_delay_s, base) * (1.0 - policy.jitter * rand)
 
 
+def should_retry_header(headers: Mapping[str, str]) -> bool | None:
+    """The server's ``x-should-retry``: True for ``true``, False for ``false``, None when
+    absent or anything else. OpenAI sends it to overrule what the status alone suggests;
+    the SDK compares the exact strings, this also forgives case and blanks."""
+    value = header(headers, "x-should-retry")
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value == "true" else False if value == "false" else None
+
+
 def decide(
     failure: Failure, attempt: int, policy: RetryPolicy, rand: float | None = None
 ) -> Decision:
-    """What to do after ``attempt`` (1-based) failed with ``failure``."""
+    """What to do after ``attempt`` (1-based) failed with ``failure``.
+
+    In order:
+
+    1. Stop-the-run answers (401, 403, a quota code, model not found, an unknown URL)
+       stop the run whatever else the server says: they are about the key, the account
+       or the endpoint, so every other row would get the same answer.
+    2. An HTTP error's ``x-should-retry`` header (as the openai SDK honours it): ``true``
+       makes the failure retryable even when the status alone is not (a 400, a 429
+       "request too large"), and such a row that runs out of attempts is left for the
+       next run (``transient``); ``false`` fails the row at once and for good (the
+       server says this request should not be sent again; ``--retry-failed`` does),
+       while a 429's pause and slow-down still apply to everyone else.
+    3. Without the header, the status table: 4xx other than 408/409/429 fail the row,
+       the rest is retried with backoff or the server's wait hint.
+
+    A wait hint of 0 is no hint (backoff applies, as in the SDK, which only honours
+    hints above 0): a server that says "retry now" to every 429 would otherwise get a
+    retry storm. Absurd hints never get here (:func:`parse_retry_after` drops them).
+    """
     status, code = failure.status, failure.error_code
     if failure.kind is Kind.TOO_LARGE:
         return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
+    told: bool | None = None
     if failure.kind is Kind.HTTP and status is not None:
         if status in (401, 403):
             return Decision(Action.STOP_RUN, reason="authentication" if status == 401
@@ -131,17 +163,25 @@ def decide(
                               or failure.message.lstrip().startswith("Invalid URL")):
             # The endpoint, not the row: a wrong api.base_url would fail every row for good.
             return Decision(Action.STOP_RUN, reason="invalid URL")
-        if status == 429 and "request too large" in failure.message.lower():
-            return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
-        if 400 <= status < 500 and status not in (408, 409, 429):
-            return Decision(Action.FAIL_ROW, reason=f"HTTP {status}")
+        told = should_retry_header(failure.headers)
+        if told is None:
+            if status == 429 and "request too large" in failure.message.lower():
+                return Decision(Action.FAIL_ROW, reason="request larger than the TPM limit")
+            if 400 <= status < 500 and status not in (408, 409, 429):
+                return Decision(Action.FAIL_ROW, reason=f"HTTP {status}")
     # Everything else may pass: 408, 409, 429 rate_limit_exceeded, 5xx, timeouts,
-    # dropped connections, bodies that are not JSON (a gateway's HTML page).
+    # dropped connections, bodies that are not JSON (a gateway's HTML page), and whatever
+    # the server marked x-should-retry: true.
     hint = parse_retry_after(failure.headers, failure.message)
+    if hint is not None and hint <= 0:
+        hint = None
     slow = status == 503 or failure.is_rate_limit
     # The server's hint is about the account, not this row: it pauses everyone even when
     # this row gives up.
     pause = hint if failure.is_rate_limit and hint is not None and hint <= MAX_HINT_S else None
+    if told is False:
+        return Decision(Action.FAIL_ROW, pause_s=pause, slow_down=slow,
+                        reason="the server says not to retry (x-should-retry: false)")
     if attempt >= policy.max_attempts:
         return Decision(Action.FAIL_ROW, transient=True, pause_s=pause, slow_down=slow,
                         reason=f"gave up after {attempt} attempts")
@@ -155,4 +195,5 @@ def decide(
     if hint is not None:
         delay = hint
     return Decision(Action.RETRY, delay_s=delay, pause_s=pause, slow_down=slow,
-                    reason="retryable")
+                    reason="the server says to retry (x-should-retry: true)" if told
+                    else "retryable")

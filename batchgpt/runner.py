@@ -30,6 +30,7 @@ from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarg
 from batchgpt.limiter import RateLimiter
 from batchgpt.plan import Plan, make_plan, row_check
 from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
@@ -136,6 +137,8 @@ class _Run:
         self.spent = 0.0
         self.reserved = 0.0
         self.client: ChatClient | None = None
+        self.redact = Redactor([os.environ.get(job.api.api_key_env)])
+        self.warned_usage = False
 
     # -- concurrency --------------------------------------------------------------------
     def _rate_per_s(self) -> float | None:
@@ -282,13 +285,14 @@ class _Run:
         from batchgpt.crash import write_crash_report
 
         try:
-            self.crash_file = write_crash_report(exc, self.job.state_dir)
+            self.crash_file = write_crash_report(exc, self.job.state_dir, self.redact.text)
             where = f"; the traceback is in {self.crash_file}"
         except OSError:
             where = ""
         self.request_stop(
             StopReason.INTERNAL_ERROR,
-            f"internal error on row {row.custom_id!r}: {type(exc).__name__}: {exc}{where}",
+            self.redact.text(f"internal error on row {row.custom_id!r}: "
+                             f"{type(exc).__name__}: {exc}{where}"),
             ExitCode.SOFTWARE,
         )
 
@@ -352,7 +356,12 @@ class _Run:
         body = success.body
         echoed = body.get("model")
         model: str = echoed if isinstance(echoed, str) else row.body["model"]
-        usage = Usage.from_response(body.get("usage"))
+        usage, dropped = Usage.parse_response(body.get("usage"))
+        if dropped and not self.warned_usage:
+            self.warned_usage = True
+            log.warning("row %s: the server's usage held values that are not token counts "
+                        "(%s); they are counted as 0 (logged once a run)", row.custom_id,
+                        ", ".join(dropped))
         line = encode_line({
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": row.custom_id,
@@ -538,9 +547,10 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             from batchgpt.credentials import resolve_credentials
 
             base_url, key = resolve_credentials(job.api, sandbox_url)
+            run.redact = run.redact.with_secrets(key)
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
                                     max_connections=run.cap, organization=job.api.organization,
-                                    project=job.api.project)
+                                    project=job.api.project, redact=run.redact)
             if options.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     with contextlib.suppress(NotImplementedError, RuntimeError):

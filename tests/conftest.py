@@ -109,13 +109,22 @@ def job(tmp_path: Path, sim: Simulator) -> JobFiles:
     return JobFiles(tmp_path, sim.base_url)
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
 @pytest.fixture
 def cli() -> Any:
+    """Invoke the CLI in-process. Every invocation in every test also checks the promise
+    made to cron users: no Python traceback on the terminal, and no internal error
+    (exit 70) unless the test is about one."""
     runner = CliRunner()
 
-    def invoke(*args: str) -> Any:
+    def invoke(*args: str, internal_error: bool = False) -> Any:
         result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
         logging.getLogger("batchgpt").handlers.clear()
+        assert TRACEBACK not in result.output, result.output
+        if not internal_error:
+            assert result.exit_code != 70, result.output
         return result
 
     return invoke

@@ -8,6 +8,8 @@ per second, bucket of 100.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -783,3 +785,170 @@ def test_parse_retry_after_reads_an_http_date_relative_to_now() -> None:
     now = 1445412500.0  # 2015-10-21 07:28:20 UTC
     assert parse_retry_after(headers, None, now=now) == approx(10.0)
     assert parse_retry_after(headers, None, now=now + 60) == 0.0  # in the past: go now
+
+
+# -- a server that lies in its headers ------------------------------------------------
+
+LYING_LIMITS = {
+    "requests 0.001/min": ("x-ratelimit-limit-requests", "0.001"),
+    "requests 1e-300/min": ("x-ratelimit-limit-requests", "1e-300"),
+    "requests just under the floor": ("x-ratelimit-limit-requests", "0.99"),
+    "requests above any account": ("x-ratelimit-limit-requests", "1e300"),
+    "tokens 1/min": ("x-ratelimit-limit-tokens", "1"),
+    "tokens just under the floor": ("x-ratelimit-limit-tokens", "999"),
+    "tokens above any account": ("x-ratelimit-limit-tokens", "1e13"),
+}
+
+
+def limiter_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "batchgpt" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(("name", "value"), LYING_LIMITS.values(), ids=LYING_LIMITS.keys())
+async def test_an_implausible_limit_header_is_ignored_and_logged_once(
+    make: Callable[..., Harness], clock: FakeClock, caplog: pytest.LogCaptureFixture,
+    name: str, value: str,
+) -> None:
+    """Believed, 0.001 requests/min stalls a run for good and 1 token/min fails every row
+    as too large; a limiter that learns its limits must not learn these."""
+    h = make(None, None)
+    for _ in range(50):  # the server says it on every answer
+        h.limiter.observe({name: value})
+    assert (h.limiter.rpm, h.limiter.tpm) == (None, None)
+    await h.start_many(20, tokens=5_000)  # neither stalled nor too large
+    assert h.count_by(0.0) == 20
+    (warning,) = limiter_warnings(caplog)
+    assert name in warning and f"{float(value):g}" in warning
+    assert "keeping no limit" in warning
+
+
+async def test_a_header_far_below_the_configured_limit_is_ignored_and_the_limit_kept(
+    make: Callable[..., Harness], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make(600, 100_000)
+    h.limiter.observe({"x-ratelimit-limit-requests": "5",  # 120x below
+                       "x-ratelimit-limit-tokens": "999.9"})  # 100.01x below
+    assert (h.limiter.rpm, h.limiter.tpm) == (600, 100_000)
+    await h.start_many(10)
+    await clock.advance(1.0)
+    assert h.count_by(1.0) == 10  # still 10 a second
+    warnings = limiter_warnings(caplog)
+    assert len(warnings) == 2
+    requests = next(w for w in warnings if "limit-requests" in w)
+    assert ": 5 " in requests and "configured limit of 600" in requests
+    assert "keeping the limit of 600 requests/min" in requests
+    tokens = next(w for w in warnings if "limit-tokens" in w)
+    assert "999.9" in tokens and "keeping the limit of 100,000 tokens/min" in tokens
+
+
+async def test_a_header_exactly_100_times_below_the_configured_limit_is_believed(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make(600, 100_000)
+    h.limiter.observe({"x-ratelimit-limit-requests": "6", "x-ratelimit-limit-tokens": "1000"})
+    assert (h.limiter.rpm, h.limiter.tpm) == (6, 1000)
+    assert limiter_warnings(caplog) == []
+
+
+async def test_small_lies_cannot_ratchet_a_learned_limit_down(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing configured, the highest limit the server ever stated is the yardstick,
+    not the last one: 50x lower twice in a row would otherwise be 2,500x lower."""
+    h = make(None, None)
+    h.limiter.observe({"x-ratelimit-limit-requests": "10000"})
+    h.limiter.observe({"x-ratelimit-limit-requests": "200"})  # 50x: believed
+    assert h.limiter.rpm == 200
+    h.limiter.observe({"x-ratelimit-limit-requests": "4"})  # 2,500x below the peak
+    assert h.limiter.rpm == 200
+    h.limiter.observe({"x-ratelimit-limit-requests": "20000"})  # a raise is believed
+    assert h.limiter.rpm == 20000
+    (warning,) = limiter_warnings(caplog)
+    assert "10,000 requests/min the server stated earlier" in warning
+    assert "keeping the limit of 200 requests/min" in warning
+
+
+async def test_each_header_warns_once_per_limiter(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    lies = {"x-ratelimit-limit-requests": "0.5", "x-ratelimit-limit-tokens": "3"}
+    first, second = make(None, None).limiter, make(None, None).limiter
+    for _ in range(10):
+        first.observe(lies)
+        first.observe({"x-ratelimit-limit-requests": "0.25"})  # another lie, same header
+    second.observe(lies)
+    assert len(limiter_warnings(caplog)) == 4  # two headers × two limiters
+
+
+async def test_a_zero_limit_reads_as_not_stated_without_a_warning(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make(600, None)
+    h.limiter.observe({"x-ratelimit-limit-requests": "0", "x-ratelimit-limit-tokens": "0"})
+    assert (h.limiter.rpm, h.limiter.tpm) == (600, None)
+    assert limiter_warnings(caplog) == []
+
+
+async def test_remaining_zero_on_every_answer_with_an_absurd_reset_never_stalls(
+    make: Callable[..., Harness], clock: FakeClock
+) -> None:
+    """Eight workers in a loop: wait for the limiter, 'send' (50 ms of fake latency), get
+    an answer that says nothing is left and that the budget resets in 11 years. Each
+    answer can throw away less than one request's worth of refill and answers come only
+    from requests sent, so the pace stays at least half the limit."""
+    limiter = make(600, None).limiter  # 10 a second
+    lie = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "99999h"}
+    sent: list[float] = []
+
+    async def worker() -> None:
+        while True:
+            await limiter.acquire(0)
+            sent.append(clock.monotonic())
+            await clock.sleep(0.05)
+            limiter.observe(lie)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(8)]
+    await clock.advance(60.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert 300 <= len(sent) <= 600  # at least half the limit; never more than the limit
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert max(gaps) <= 0.2 + 1e-9  # and steadily: no gap longer than two intervals
+
+
+@pytest.mark.parametrize(
+    ("headers", "message", "seconds"),
+    [
+        ({"retry-after": "nan"}, None, None),
+        ({"retry-after": "inf"}, None, None),
+        ({"retry-after": "-inf"}, None, None),
+        ({"retry-after": "1e309"}, None, None),  # overflows to inf
+        ({"retry-after": "1e308"}, None, None),  # finite, but no server means it
+        ({"retry-after": "-1"}, None, None),
+        ({"retry-after": "86401"}, None, None),  # more than a day
+        ({"retry-after": "86400"}, None, 86_400.0),  # a daily limit: still a hint
+        ({"retry-after-ms": "1e308"}, None, None),
+        ({"retry-after-ms": "NaN", "retry-after": "3"}, None, 3.0),  # falls through
+        ({"retry-after-ms": "-5", "retry-after": "2"}, None, 2.0),
+        ({"retry-after-ms": "99999999999", "retry-after": "2"}, None, 2.0),
+        ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, None, None),
+        ({"retry-after": "Mon, 01 Jan 0001 00:00:00 GMT"}, None, 0.0),  # in the past: go
+        ({"retry-after": "1e400"}, "Please try again in 2s.", 2.0),
+        ({}, "Please try again in 99999999h.", None),
+        ({}, "Please try again in 99999999999999999999 seconds.", None),
+        ({}, "Please try again in 99999999h. Or try again in 5 seconds.", 5.0),
+        ({"retry-after": "\x00\udcff" * 1000}, None, None),
+    ],
+)
+def test_parse_retry_after_drops_what_no_server_can_mean(
+    headers: dict[str, str], message: str | None, seconds: float | None
+) -> None:
+    """Whatever the headers say, the answer is None or a finite wait of at most a day that
+    a caller may sleep on: never NaN, never negative, never an exception."""
+    result = parse_retry_after(headers, message, now=1_700_000_000.0)
+    if seconds is None:
+        assert result is None
+    else:
+        assert result == approx(seconds)

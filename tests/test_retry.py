@@ -8,6 +8,7 @@ do — retry (and after how long), fail the row alone, or stop the whole run.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 
@@ -379,3 +380,108 @@ def test_a_429_is_a_rate_limit_only_when_it_is_not_about_quota() -> None:
     assert not http(429, QUOTA_MESSAGE, "insufficient_quota").is_rate_limit
     assert not http(503).is_rate_limit
     assert not timeout().is_rate_limit
+
+
+# -- x-should-retry ------------------------------------------------------------------------------
+
+
+def told(failure: Failure, value: str) -> Failure:
+    """The same failure with the server's x-should-retry header added."""
+    return replace(failure, headers={**failure.headers, "x-should-retry": value})
+
+
+def http_only(table: dict[str, Failure]) -> dict[str, Failure]:
+    """The cases a server answered (the limiter's own refusal and timeouts have no
+    headers)."""
+    return {name: f for name, f in table.items() if f.kind is Kind.HTTP}
+
+
+@pytest.mark.parametrize("failure", http_only(ROW_FAILS).values(),
+                         ids=http_only(ROW_FAILS).keys())
+def test_should_retry_true_makes_a_row_level_error_retryable(failure: Failure) -> None:
+    decision = decide(told(failure, "true"), 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == POLICY.initial_delay_s
+    assert "x-should-retry" in decision.reason
+    # ...and a row that runs out of attempts is left for the next run, not failed for good.
+    last = decide(told(failure, "true"), POLICY.max_attempts, POLICY, 0.0)
+    assert last.action is Action.FAIL_ROW and last.transient
+
+
+@pytest.mark.parametrize("failure", http_only(RETRYABLE).values(),
+                         ids=http_only(RETRYABLE).keys())
+def test_should_retry_false_fails_a_retryable_error_at_once_and_for_good(
+    failure: Failure,
+) -> None:
+    decision = decide(told(failure, "false"), 1, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW
+    assert not decision.transient  # the server said not to send it again
+    assert "x-should-retry" in decision.reason
+
+
+@pytest.mark.parametrize("failure", RUN_STOPS.values(), ids=RUN_STOPS.keys())
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_should_retry_never_overrules_a_stop(failure: Failure, value: str) -> None:
+    """Bad key, no permission, no quota, no such model or URL: every other row would get
+    the same answer, whatever the header says about this one."""
+    assert decide(told(failure, value), 1, POLICY, 0.0) == decide(failure, 1, POLICY, 0.0)
+
+
+def test_should_retry_false_on_a_429_still_pauses_and_slows_everyone() -> None:
+    failure = told(http(429, RATE_LIMIT_429, "rate_limit_exceeded", "requests",
+                        {"retry-after-ms": "1500"}), "false")
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.FAIL_ROW and not decision.transient
+    assert decision.pause_s == 1.5 and decision.slow_down
+
+
+@pytest.mark.parametrize(("value", "action"), [
+    ("true", Action.RETRY), ("TRUE", Action.RETRY), (" true ", Action.RETRY),
+    ("false", Action.FAIL_ROW), ("False", Action.FAIL_ROW),
+    ("yes", Action.FAIL_ROW), ("1", Action.FAIL_ROW), ("", Action.FAIL_ROW),
+], ids=["true", "TRUE", "blanks", "false", "False", "yes", "1", "empty"])
+def test_should_retry_is_read_as_the_sdk_reads_it_forgiving_case_and_blanks(
+    value: str, action: Action
+) -> None:
+    """Anything but true/false is no answer: the table decides (a 400 fails the row)."""
+    decision = decide(told(http(400, "Invalid 'messages'."), value), 1, POLICY, 0.0)
+    assert decision.action is action
+
+
+def test_should_retry_header_name_matches_whatever_its_case() -> None:
+    failure = http(400, "Invalid 'messages'.", headers={"X-Should-Retry": "true"})
+    assert decide(failure, 1, POLICY, 0.0).action is Action.RETRY
+
+
+def test_should_retry_is_only_read_on_an_error_status() -> None:
+    """A 200 with a body that is not a chat.completion has no error status for the header
+    to overrule (the SDK never looks at it there either): it is retried."""
+    failure = told(garbage_body(), "false")
+    assert decide(failure, 1, POLICY, 0.0).action is Action.RETRY
+
+
+# -- hints no server can mean ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-3", "1e308", "1e999",
+                                   "9999999999", "Fri, 31 Dec 9999 23:59:59 GMT"])
+@pytest.mark.parametrize("name", ["retry-after", "retry-after-ms"])
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_an_absurd_wait_hint_is_no_hint(status: int, name: str, value: str) -> None:
+    """Taken at face value, "retry-after: 1e308" on a 429 would stop the run ("a daily
+    limit") and on a 5xx would fail the row unsent; it is garbage, so backoff decides."""
+    failure = http(status, "busy", "rate_limit_exceeded" if status == 429 else None,
+                   headers={name: value})
+    decision = decide(failure, 1, POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == POLICY.initial_delay_s
+    assert decision.pause_s is None
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "0"}, {"retry-after-ms": "0"}])
+def test_a_zero_wait_hint_means_backoff_not_a_retry_storm(headers: dict[str, str]) -> None:
+    decision = decide(http(429, "Rate limited", "rate_limit_exceeded", headers=headers), 3,
+                      POLICY, 0.0)
+    assert decision.action is Action.RETRY
+    assert decision.delay_s == backoff(3, POLICY, 0.0) == 4.0
+    assert decision.pause_s is None
