@@ -148,6 +148,9 @@ class JobConfig(_Strict):
 
     name: str | None = Field(None, description="Job name (default: the job file's stem).")
     input: Path = Field(description="JSONL input file.")
+    input_format: Literal["auto", "batch", "chat", "template"] = Field(
+        "auto", description="How to read the input's lines: auto (by their keys), batch, "
+        "chat or template.")
     output: Path = Field(description="JSONL output file (Batch API output-line format).")
     model: str | None = Field(None, description="Model for rows that don't name one.")
     system: str | None = Field(None, description="System message for template and chat rows.")

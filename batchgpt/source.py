@@ -1,39 +1,61 @@
 """Input JSONL → the exact request each row sends.
 
-Three line forms are accepted, told apart by their keys:
+A file holds one of three line forms (the job's ``input_format``, or ``auto``: by the keys
+of its first valid line):
 
 1. Batch API request line ``{"custom_id", "method", "url", "body"}`` — the file a user
    would upload to OpenAI's Batch API runs here unchanged; body values win over the job's
-   ``model``/``params`` defaults.
+   ``model``/``params`` defaults. (auto: it has ``custom_id`` and an object ``body``.)
 2. Chat line ``{"id", "messages", ...params}`` — a conversation; other keys are per-line
-   request parameters.
-3. Template line ``{"id", ...fields}`` — rendered through the job's ``prompt``.
+   request parameters. (auto: ``messages`` is a list of objects that each have a ``role``.)
+3. Template record ``{"id", ...fields}`` — rendered through the job's ``prompt`` by plain
+   field substitution. (auto: anything else, so a record may have a field named ``body``.)
 
 Every row's request is canonicalised and hashed: the hash is what ties a stored result
 to the request that produced it, so an edited prompt or parameter is noticed on resume.
 The file is read in binary and by byte offset so a second pass can fetch just the
-pending lines of a million-line file without holding it in memory.
+pending lines of a million-line file without holding it in memory; it must therefore be a
+regular file (not a pipe, which can be read once).
+
+Input is data the job's author did not write: every line that can't become a request the
+server can read (JSON that Python reads but a server doesn't — NaN, Infinity, 1e999 —, text
+that is not valid UTF-8 once decoded — a lone surrogate from a ``\ud800`` escape —,
+numbers or nesting too large to read) is a ``file:line:`` problem before anything is sent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
+import os
+import stat
+import string
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from batchgpt.config import JobConfig, template_fields
-from batchgpt.errors import InputError, InputProblem
+from batchgpt.config import JobConfig
+from batchgpt.errors import ConfigError, InputError, InputProblem
 from batchgpt.tokens import output_cap, prompt_tokens, request_cost
 
 MAX_PROBLEMS = 50
+# Deepest nesting of arrays and objects a line may have (the line's own object is level
+# 1). Far beyond any real request, far below what Python's recursion limit lets the JSON
+# encoder and the HTTP client serialise.
+MAX_DEPTH = 100
 CHAT_URLS = {"/v1/chat/completions", "/chat/completions"}
-BATCH_KEYS = {"custom_id", "method", "url", "body"}
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+Form = Literal["batch", "chat", "template"]
+FORM_NAMES: dict[str, str] = {
+    "batch": "a Batch API line", "chat": "a chat line", "template": "a template record",
+}
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +70,12 @@ class Row:
     @property
     def cost(self) -> int:
         """Tokens it counts against TPM (see batchgpt.tokens)."""
-        return request_cost(self.body)
+        try:
+            return request_cost(self.body)
+        except (TypeError, ValueError, OverflowError):
+            # an 'n' that is not a number: the server refuses the request (a 400, a
+            # failed row); until then it is counted as one choice
+            return request_cost({k: v for k, v in self.body.items() if k != "n"})
 
     @property
     def prompt_tokens(self) -> int:
@@ -64,34 +91,79 @@ class RowError(ValueError):
 
 
 def _canonical(body: dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The request as the hash sees it. ``allow_nan=False`` changes no output: it only
+    raises ValueError on NaN and infinities, which are not JSON."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
 
 
 def request_hash(body: dict[str, Any]) -> str:
+    """Raises UnicodeEncodeError (a lone surrogate), ValueError (NaN, an infinity) or
+    RecursionError for a body that can't be sent."""
     return hashlib.sha256(_canonical(body).encode()).hexdigest()[:32]
 
 
 # How json.dumps(..., ensure_ascii=False) writes a string (the C function where available).
 _json_string = json.encoder.encode_basestring
+# json.dumps(value, ensure_ascii=False) for a template field that is not a string, without
+# building an encoder per call, refusing NaN and infinities.
+_json_value = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 # Strings a splice (below) must reproduce exactly: empty, quotes, escapes, control
 # characters, non-ASCII, the separators JSON treats specially.
 _SPLICE_PROBES = ("", "x", 'a "quoted" \\ back\\slash\n\t\r\b\f', "\x00\x1f\x7f",
                   "ünïcødé ✓ 日本 \u2028\u2029 \U0001f600", "{}[],:")
 
+# One field of a prompt: its name, conversion ('r', 's', 'a' or None), format spec, and
+# the literal text that follows it.
+_Part = tuple[str, "str | None", str, str]
+
+
+def _split_template(template: str) -> tuple[str, tuple[_Part, ...]]:
+    """A prompt as its leading literal text and its fields, split once: rendering is then
+    a join, not ``str.format_map`` (which would also evaluate a format spec's nested
+    fields). Raises ConfigError for what plain substitution can't do."""
+    head = ""
+    parts: list[list[Any]] = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if parts:
+            parts[-1][3] += literal
+        else:
+            head += literal
+        if name is None:
+            continue
+        field = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+        where = f"prompt: '{{{field}}}'"
+        if conversion not in (None, "r", "s", "a"):
+            raise ConfigError(f"{where}: unknown conversion '!{conversion}'")
+        if spec and ("{" in spec or "}" in spec):
+            raise ConfigError(f"{where}: a format spec can't hold a field; a prompt is plain "
+                              "{field} substitution ({{ }} for a literal brace)")
+        if spec:
+            try:
+                format("", spec)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        parts.append([name, conversion, spec or "", ""])
+    return head, tuple((p[0], p[1], p[2], p[3]) for p in parts)
+
 
 class RowBuilder:
     """Turns one parsed JSON line into a :class:`Row`, given the job's defaults."""
 
-    __slots__ = ("_base", "_fields", "_job", "_splice")
+    __slots__ = ("_base", "_fixed", "_head", "_job", "_parts", "_splice")
 
     def __init__(self, job: JobConfig) -> None:
         self._job = job
-        self._fields = template_fields(job.prompt) if job.prompt is not None else ["text"]
+        self._fixed: Form | None = None if job.input_format == "auto" else job.input_format
+        self._head, self._parts = _split_template(
+            job.prompt if job.prompt is not None else "{text}"
+        )
         base: dict[str, Any] = {}
         if job.model is not None:
             base["model"] = job.model
         base.update(job.params)
         self._base = base
+        _check_job_values(job)
         self._splice = self._template_splice()
 
     def _template_splice(self) -> tuple[str, str] | None:
@@ -120,25 +192,43 @@ class RowBuilder:
             return None
         return before, after
 
-    def scan(self, record: Any, line: int, offset: int) -> ScannedRow:
+    def form(self, record: Any) -> Form | None:
+        """The form a parsed line is read as: the job's ``input_format``, or by its keys;
+        None for a line that is not an object."""
+        if not isinstance(record, dict):
+            return None
+        if self._fixed is not None:
+            return self._fixed
+        if "custom_id" not in record and "messages" not in record:
+            return "template"  # the usual case, decided without a call
+        return _form_of(record)
+
+    def scan(self, record: Any, line: int, offset: int, form: Form | None = None
+             ) -> ScannedRow:
         """What planning needs of a row: its id and request hash, with every check
         :meth:`build` makes (the same RowError). The request is built only if asked for."""
+        if form is None:
+            form = self.form(record)
         splice = self._splice
-        if (splice is not None and type(record) is dict and "messages" not in record
-                and record.keys().isdisjoint(BATCH_KEYS)):
+        if form == "template" and splice is not None:
             custom_id, content = self._render(record)  # the checks of _template
-            text = splice[0] + _json_string(content) + splice[1]
-            digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+            try:
+                data = (splice[0] + _json_string(content) + splice[1]).encode()
+            except UnicodeEncodeError:
+                raise RowError(self._unencodable(record, "template")) from None
+            digest = hashlib.sha256(data).hexdigest()[:32]
             return ScannedRow(custom_id, digest, offset, line, record, self)
-        row = self.build(record, line)
+        row = self.build(record, line, form)
         return ScannedRow(row.custom_id, row.request_hash, offset, line, row=row)
 
-    def build(self, record: Any, line: int) -> Row:
-        if not isinstance(record, dict):
+    def build(self, record: Any, line: int, form: Form | None = None) -> Row:
+        if form is None:
+            form = self.form(record)
+        if form is None:
             raise RowError(f"a line must be a JSON object, not {type(record).__name__}")
-        if BATCH_KEYS & record.keys():
+        if form == "batch":
             custom_id, body = self._batch(record)
-        elif "messages" in record:
+        elif form == "chat":
             custom_id, body = self._chat(record)
         else:
             custom_id, body = self._template(record)
@@ -146,7 +236,20 @@ class RowBuilder:
             raise RowError("no model: set `model` in the job file or in the line's body")
         if body.get("stream"):
             raise RowError("'stream': true is not supported in a batch")
-        return Row(custom_id, line, body, request_hash(body))
+        try:
+            digest = request_hash(body)
+        except UnicodeEncodeError:
+            raise RowError(self._unencodable(record, form)) from None
+        except RecursionError:
+            raise RowError(TOO_DEEP) from None
+        except ValueError:  # allow_nan=False
+            raise RowError(self._non_finite(record, form)) from None
+        return Row(custom_id, line, body, digest)
+
+    def mixed(self, record: dict[str, Any], form: Form, file_form: Form, first: int) -> str:
+        """The problem of a line whose form is not the file's."""
+        return (f"{_describe(record, form, file_form)}, but line {first} is "
+                f"{FORM_NAMES[file_form]}: one file holds one form; set input_format to choose")
 
     # -- the three forms -----------------------------------------------------------------
     def _batch(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -158,7 +261,7 @@ class RowBuilder:
         if method != "POST":
             raise RowError(f"'method' must be \"POST\", not {method!r}")
         url = record.get("url", "/v1/chat/completions")
-        if url not in CHAT_URLS:
+        if not isinstance(url, str) or url not in CHAT_URLS:
             raise RowError(f"'url' must be \"/v1/chat/completions\", not {url!r}")
         body = record["body"]
         if not isinstance(body, dict):
@@ -170,6 +273,8 @@ class RowBuilder:
         if "id" not in record:
             raise RowError("chat line without 'id'")
         custom_id = _id(record["id"], "id")
+        if "messages" not in record:
+            raise RowError("chat line without 'messages' (a list of {'role', 'content'})")
         messages = record["messages"]
         _check_messages(messages, "messages")
         if self._job.system is not None and messages[0].get("role") not in ("system",
@@ -192,24 +297,128 @@ class RowBuilder:
         return {**self._base, "messages": messages}
 
     def _render(self, record: dict[str, Any]) -> tuple[str, str]:
-        """A template line's id and user message."""
-        if "id" not in record:
-            raise RowError("line without 'id' (or 'custom_id' for a Batch API line)")
-        custom_id = _id(record["id"], "id")
-        values = {}
-        for name in self._fields:
-            if name not in record:
-                if self._job.prompt is None:
-                    raise RowError(
-                        "template line without 'text' (the job has no `prompt`, so a "
-                        "record's 'text' is the message), and no 'messages'"
-                    )
-                raise RowError(f"missing field '{name}' used by the job's prompt")
-            value = record[name]
-            values[name] = value if isinstance(value, str) else json.dumps(
-                value, ensure_ascii=False
-            )
-        return custom_id, (self._job.prompt or "{text}").format_map(values)
+        """A template line's id and user message: the prompt's literal text and its
+        fields' values, joined (a field that is not a string is written as JSON)."""
+        try:
+            value = record["id"]
+        except KeyError:
+            raise RowError(self._without_id(record)) from None
+        custom_id = _id(value, "id")
+        pieces = [self._head]
+        for name, conversion, spec, literal in self._parts:
+            try:
+                value = record[name]
+            except KeyError:
+                raise RowError(self._without_field(record, name)) from None
+            if not isinstance(value, str):
+                try:
+                    value = _json_value(value)
+                except RecursionError:
+                    raise RowError(TOO_DEEP) from None
+                except ValueError:
+                    raise RowError(_non_finite_in(value, name)
+                                   or f"field '{name}' can't be written as JSON") from None
+            if conversion is not None or spec:
+                value = _convert(value, conversion, spec)
+            pieces.append(value)
+            pieces.append(literal)
+        return custom_id, "".join(pieces)
+
+    # -- what to say -----------------------------------------------------------------------
+    def _without_id(self, record: dict[str, Any]) -> str:
+        if self._fixed is not None:
+            return "template record without 'id' (input_format: template)"
+        if "custom_id" in record:
+            return ("line without 'id': it has 'custom_id' but " + _why_not_batch(record)
+                    + ", so it is not a Batch API line")
+        return "line without 'id' (or 'custom_id' for a Batch API line)"
+
+    def _without_field(self, record: dict[str, Any], name: str) -> str:
+        if self._job.prompt is not None:
+            return f"missing field '{name}' used by the job's prompt"
+        message = ("template line without 'text' (the job has no `prompt`, so a record's "
+                   "'text' is the message)")
+        if self._fixed is not None:
+            return message
+        if "messages" in record:
+            return f"{message}; not a chat line either: {_why_not_chat(record['messages'])}"
+        return f"{message}, and no 'messages'"
+
+    def _sent_parts(self, record: dict[str, Any], form: Form) -> list[tuple[str, Any]]:
+        """The parts of a line that go into its request, with their names in the line."""
+        if form == "batch":
+            return [("body", record.get("body"))]
+        if form == "chat":
+            return [(k, v) for k, v in record.items() if k not in ("id", "metadata")]
+        return [(name, record[name]) for name, *_ in self._parts if name in record]
+
+    def _unencodable(self, record: dict[str, Any], form: Form) -> str:
+        for name, value in self._sent_parts(record, form):
+            found = _find(value, _has_surrogate, _key_path("", name))
+            if found is not None:
+                return _surrogate_message(*found)
+        return "the request cannot be written as UTF-8 (a lone surrogate)"
+
+    def _non_finite(self, record: dict[str, Any], form: Form) -> str:
+        for name, value in self._sent_parts(record, form):
+            message = _non_finite_in(value, name)
+            if message:
+                return message
+        return "the request holds a number that is not finite (NaN or Infinity)"
+
+
+def _form_of(record: dict[str, Any]) -> Form:
+    """auto: a Batch API line has 'custom_id' and an object 'body'; a chat line has
+    'messages', a list of objects that each have a 'role'; anything else is a template
+    record."""
+    if "custom_id" in record and isinstance(record.get("body"), dict):
+        return "batch"
+    messages = record.get("messages")
+    if isinstance(messages, list) and all(
+        isinstance(m, dict) and "role" in m for m in messages
+    ):
+        return "chat"
+    return "template"
+
+
+def _why_not_batch(record: dict[str, Any]) -> str:
+    if "custom_id" not in record:
+        return "no 'custom_id'"
+    return "no 'body'" if "body" not in record else "its 'body' is not an object"
+
+
+def _why_not_chat(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return "its 'messages' is not a list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"its 'messages[{i}]' is not an object"
+        if "role" not in message:
+            return f"its 'messages[{i}]' has no 'role'"
+    return "its 'messages' is a conversation"  # pragma: no cover - it would be a chat line
+
+
+def _describe(record: dict[str, Any], form: Form, versus: Form) -> str:
+    """A line's form and what makes it that form rather than ``versus``."""
+    if form == "batch":
+        return "a Batch API line (it has 'custom_id' and an object 'body')"
+    if form == "chat":
+        return "a chat line (it has 'messages')"
+    if versus == "batch":
+        return f"a template record ({_why_not_batch(record)})"
+    if "messages" in record:
+        return f"a template record ({_why_not_chat(record['messages'])})"
+    return "a template record (no 'messages')"
+
+
+def _convert(value: str, conversion: str | None, spec: str) -> str:
+    """What ``str.format`` does with ``{field!conversion:spec}`` (kept so a prompt that
+    uses one renders, and hashes, as it always has)."""
+    if conversion == "r":
+        value = repr(value)
+    elif conversion == "a":
+        value = ascii(value)
+    return format(value, spec) if spec else value
 
 
 def _id(value: Any, key: str) -> str:
@@ -218,6 +427,8 @@ def _id(value: Any, key: str) -> str:
     text = str(value)
     if not text.strip():
         raise RowError(f"'{key}' is empty")
+    if not text.isascii() and _has_surrogate(text):
+        raise RowError(_surrogate_message(key, text))
     return text
 
 
@@ -228,10 +439,100 @@ def _check_messages(messages: Any, where: str) -> None:
         if not isinstance(message, dict):
             raise RowError(f"'{where}[{i}]' must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RowError(f"'{where}[{i}].role' must be one of {sorted(ROLES)}, not {role!r}")
         if "content" not in message and role != "assistant":
             raise RowError(f"'{where}[{i}]' has no 'content'")
+
+
+# -- values that JSON text can hold but a request can't -------------------------------------
+def _has_surrogate(value: Any) -> bool:
+    """A string that can't be written as UTF-8: it holds a lone surrogate (what a JSON
+    escape like "\\ud800" without its other half decodes to)."""
+    if not isinstance(value, str) or value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _key_path(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def _find(value: Any, test: Callable[[Any], bool], path: str) -> tuple[str, Any] | None:
+    """The first value or object key under ``value`` that passes ``test``, with its path
+    (``messages[0].content``); without recursion, so no depth can break it."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if test(item):
+            return where, item
+        if isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                inner = _key_path(where, key)
+                if test(key):
+                    return inner, key
+                children.append((inner, child))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend((_key_path(where, i), child)
+                         for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _surrogate_message(where: str, text: str) -> str:
+    char = next(c for c in text if "\ud800" <= c <= "\udfff")
+    return (f"'{where}' cannot be written as UTF-8: it holds the lone surrogate "
+            f"\\u{ord(char):04x} (half of a UTF-16 pair, from a broken JSON escape)")
+
+
+def _non_finite_in(value: Any, path: str) -> str:
+    """The problem of the first NaN or infinity under ``value`` ('' if there is none)."""
+    found = _find(value, _is_non_finite, path)
+    if found is None:
+        return ""
+    where, number = found
+    name = "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
+    return (f"'{where}' is {name}, which is not a JSON number (NaN, Infinity and numbers "
+            "too large for a double, like 1e999, can't be sent)")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (without recursion)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _check_job_values(job: JobConfig) -> None:
+    """The job's own strings and numbers go into every request: the same rules."""
+    for where, value in (("model", job.model), ("system", job.system),
+                         ("prompt", job.prompt), ("params", job.params)):
+        found = _find(value, _has_surrogate, where)
+        if found is not None:
+            raise ConfigError(_surrogate_message(*found))
+        message = _non_finite_in(value, where)
+        if message:
+            raise ConfigError(message)
 
 
 _decoder = json.JSONDecoder()
@@ -333,6 +634,34 @@ class ScannedRow:
         return self._row
 
 
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is, for the message; None for a regular one."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _unreadable(exc: ValueError) -> str:
+    """The problem of a line json could not read (other than a JSONDecodeError)."""
+    if "integer string conversion" in str(exc):  # Python's limit on an integer's digits
+        return f"a number with thousands of digits, more than can be read (the limit is " \
+               f"{_int_digits()})"
+    return f"invalid JSON: {exc}"
+
+
+def _int_digits() -> int:
+    get = getattr(sys, "get_int_max_str_digits", None)
+    return int(get()) if get is not None else 4300
+
+
 class InputFile:
     """A JSONL input, read twice: :meth:`scan` validates every line and yields what resume
     needs; :meth:`read_at` rebuilds the rows that are pending, by byte offset."""
@@ -342,15 +671,31 @@ class InputFile:
         self.path = Path(job.input)
         self.builder = RowBuilder(job)
 
-    def _open(self) -> Any:
+    def _open(self) -> io.BufferedReader:
+        """The input, opened for reading once it is known to be a regular file: opening a
+        pipe would block until something writes to it (in the event loop, deaf to
+        SIGTERM), and a pipe can't be read twice or by position anyway."""
+        name = str(self.path)
         try:
-            return self.path.open("rb")
+            kind = _not_regular(os.stat(self.path).st_mode)
+            if kind is None:
+                # O_NONBLOCK: should the path become a pipe between stat and open, the open
+                # returns at once (and fstat refuses it); it changes nothing for a file.
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+                kind = _not_regular(os.fstat(fd).st_mode)
+                if kind is None:
+                    return open(fd, "rb")
+                os.close(fd)
         except FileNotFoundError:
-            raise InputError([InputProblem(str(self.path), 0, "input file not found")]) from None
+            raise InputError([InputProblem(name, 0, "input file not found")]) from None
         except OSError as exc:
             raise InputError(
-                [InputProblem(str(self.path), 0, f"cannot read input: {exc.strerror}")]
+                [InputProblem(name, 0, f"cannot read input: {exc.strerror}")]
             ) from None
+        raise InputError([InputProblem(
+            name, 0, f"input is {kind}, not a regular file: it is read twice, by position "
+            "(every line checked first, then the lines to send read again by byte offset), so "
+            "it must be a regular file; write the data to a file first")])
 
     def scan(self) -> Iterator[ScannedRow]:
         """Validate the whole file; yield each valid row. Raises InputError at the end if
@@ -362,7 +707,6 @@ class InputFile:
         seen = _KeySet()
         duplicates: dict[str, list[int]] = {}
         name = str(self.path)
-        scan_row = self.builder.scan
 
         def problem(line: int, msg: str) -> None:
             nonlocal extra
@@ -371,6 +715,29 @@ class InputFile:
             else:
                 extra += 1
 
+        for scanned in self._rows(problem):
+            custom_id = scanned.custom_id
+            if not seen.add(_id_key(custom_id)):
+                duplicates.setdefault(custom_id, []).append(scanned.line)
+                problem(scanned.line, f"duplicate id {custom_id!r}")
+                continue
+            if not problems:
+                yield scanned
+        if problems:
+            if duplicates:
+                problems = self._name_first_lines(problems, duplicates)
+            raise InputError(problems, extra)
+
+    def _rows(self, problem: Callable[[int, str], None]) -> Iterator[ScannedRow]:
+        """Every valid row of the file (duplicates included); every other non-blank line
+        goes to ``problem``. The first valid row's form is the file's (with
+        ``input_format: auto``): a line of another form is a problem."""
+        builder = self.builder
+        form_of = builder.form
+        scan_row = builder.scan
+        auto = self.job.input_format == "auto"
+        file_form: Form | None = None
+        first = 0
         with self._open() as fh:
             offset = 0
             for number, raw in enumerate(fh, start=1):
@@ -389,38 +756,45 @@ class InputFile:
                 except json.JSONDecodeError as exc:
                     problem(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
                     continue
+                except ValueError as exc:
+                    problem(number, _unreadable(exc))
+                    continue
+                except RecursionError:
+                    problem(number, TOO_DEEP)
+                    continue
                 try:
-                    scanned = scan_row(record, number, start)
+                    # Nesting can't exceed the number of brackets: counting them (in C)
+                    # spares the walk for all but the rare line with many. The whole line
+                    # counts, sent or not: the runner parses it again, deeper in the stack,
+                    # where a line nested nearly as deep as this parse allows would not parse.
+                    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(
+                        record, MAX_DEPTH
+                    ):
+                        raise RowError(TOO_DEEP)
+                    form = form_of(record)
+                    if form != file_form and auto and file_form is not None and form is not None:
+                        raise RowError(builder.mixed(record, form, file_form, first))
+                    scanned = scan_row(record, number, start, form)
                 except RowError as exc:
                     problem(number, str(exc))
                     continue
-                custom_id = scanned.custom_id
-                if not seen.add(_id_key(custom_id)):
-                    duplicates.setdefault(custom_id, []).append(number)
-                    problem(number, f"duplicate id {custom_id!r}")
+                except RecursionError:  # pragma: no cover - MAX_DEPTH keeps it away
+                    problem(number, TOO_DEEP)
                     continue
-                if not problems:
-                    yield scanned
-        if problems:
-            if duplicates:
-                problems = self._name_first_lines(problems, duplicates)
-            raise InputError(problems, extra)
+                if file_form is None:
+                    file_form, first = form, number
+                yield scanned
 
     def _name_first_lines(
         self, problems: list[InputProblem], duplicates: dict[str, list[int]]
     ) -> list[InputProblem]:
         first: dict[str, int] = {}
-        with self._open() as fh:
-            for number, raw in enumerate(fh, start=1):
-                try:
-                    record = json.loads(raw)
-                    custom_id = str(record.get("custom_id", record.get("id")))
-                except (ValueError, AttributeError):
-                    continue
-                if custom_id in duplicates and custom_id not in first:
-                    first[custom_id] = number
-                    if len(first) == len(duplicates):
-                        break
+        for scanned in self._rows(lambda line, msg: None):
+            custom_id = scanned.custom_id
+            if custom_id in duplicates and custom_id not in first:
+                first[custom_id] = scanned.line
+                if len(first) == len(duplicates):
+                    break
         out = []
         for p in problems:
             for custom_id, lines in duplicates.items():

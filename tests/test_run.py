@@ -166,32 +166,6 @@ def test_on_change_error_refuses_before_sending(job: JobFiles, sim: Simulator, c
     assert sim.stats.requests == 0
 
 
-def test_three_input_forms_in_one_file(job: JobFiles, sim: Simulator, cli: Any) -> None:
-    records = [
-        {"custom_id": "batch-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "Hi."}],
-                  "max_tokens": 7}},
-        {"id": "chat-1", "messages": [{"role": "user", "content": "One."},
-                                      {"role": "assistant", "content": "Two."},
-                                      {"role": "user", "content": "Three."}],
-         "temperature": 0.5},
-        {"id": 42, "text": "Template row."},
-    ]
-    path = job.write(records, system="Be brief.")
-    result = cli("run", path)
-    assert result.exit_code == 0, result.output
-    bodies = {b["messages"][-1]["content"]: b for b in sim.stats.bodies}
-    batch = bodies["Hi."]
-    assert batch["model"] == "gpt-4.1-mini" and batch["max_tokens"] == 7  # body wins
-    assert batch["messages"] == [{"role": "user", "content": "Hi."}]  # sent unchanged
-    chat = bodies["Three."]
-    assert chat["temperature"] == 0.5 and chat["max_tokens"] == 50
-    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
-    template = bodies["Summarize: Template row."]
-    assert template["model"] == "gpt-4o-mini"
-    assert sorted(r["custom_id"] for r in job.results()) == ["42", "batch-1", "chat-1"]
-
-
 def test_relative_paths_resolve_against_the_job_folder(job: JobFiles, cli: Any,
                                                        monkeypatch: Any, tmp_path: Path) -> None:
     path = job.write(articles(2))
