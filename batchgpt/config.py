@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import stat
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic import (
 
 from batchgpt.credentials import base_url_problem, header_value_problem
 from batchgpt.errors import ConfigError
+from batchgpt.files import NotRegularFile, open_regular
 from batchgpt.pricing import Price
 
 try:  # libyaml's parser where PyYAML was built with it: 20x faster on a big file
@@ -327,21 +327,16 @@ def _read_job_file(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
     except ValueError:  # an embedded NUL byte
         raise ConfigError(f"{path}: not a valid file name") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); a job "
-                          "file must be a regular YAML file")
     if info.st_size > MAX_JOB_FILE_BYTES:
         raise ConfigError(_too_big(path, info.st_size))
-    # O_NONBLOCK: should the path be swapped for a FIFO after the check, open still returns.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
+        fh = open_regular(path)
+    except NotRegularFile as exc:
+        raise ConfigError(f"{path}: not a regular file ({exc.kind}); a job file must be a "
+                          "regular YAML file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        opened = os.fstat(fh.fileno())
-        if not stat.S_ISREG(opened.st_mode):
-            raise ConfigError(f"{path}: not a regular file ({_file_kind(opened.st_mode)})")
+    with fh:
         try:
             raw = fh.read(MAX_JOB_FILE_BYTES + 1)
         except OSError as exc:
@@ -354,13 +349,6 @@ def _read_job_file(path: Path) -> str:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start + 1}); save the "
                           "job file as UTF-8") from None
-
-
-def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket")]
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _too_big(path: Path, size: int) -> str:

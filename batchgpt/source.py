@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import stat
 import string
 import sys
 from array import array
@@ -41,6 +39,7 @@ from typing import Any, Literal
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError, InputError, InputProblem
+from batchgpt.files import NotRegularFile, open_regular
 from batchgpt.tokens import output_cap, prompt_tokens, request_cost
 
 MAX_PROBLEMS = 50
@@ -634,21 +633,6 @@ class ScannedRow:
         return self._row
 
 
-def _not_regular(mode: int) -> str | None:
-    """What a file that is not a regular file is, for the message; None for a regular one."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a pipe (FIFO)"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def _unreadable(exc: ValueError) -> str:
     """The problem of a line json could not read (other than a JSONDecodeError)."""
     if "integer string conversion" in str(exc):  # Python's limit on an integer's digits
@@ -677,25 +661,19 @@ class InputFile:
         SIGTERM), and a pipe can't be read twice or by position anyway."""
         name = str(self.path)
         try:
-            kind = _not_regular(os.stat(self.path).st_mode)
-            if kind is None:
-                # O_NONBLOCK: should the path become a pipe between stat and open, the open
-                # returns at once (and fstat refuses it); it changes nothing for a file.
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-                kind = _not_regular(os.fstat(fd).st_mode)
-                if kind is None:
-                    return open(fd, "rb")
-                os.close(fd)
+            return open_regular(self.path)
+        except NotRegularFile as exc:
+            raise InputError([InputProblem(
+                name, 0, f"input is {exc.kind}, not a regular file: it is read twice, by "
+                "position (every line checked first, then the lines to send read again by "
+                "byte offset), so it must be a regular file; write the data to a file first")]
+            ) from None
         except FileNotFoundError:
             raise InputError([InputProblem(name, 0, "input file not found")]) from None
         except OSError as exc:
             raise InputError(
                 [InputProblem(name, 0, f"cannot read input: {exc.strerror}")]
             ) from None
-        raise InputError([InputProblem(
-            name, 0, f"input is {kind}, not a regular file: it is read twice, by position "
-            "(every line checked first, then the lines to send read again by byte offset), so "
-            "it must be a regular file; write the data to a file first")])
 
     def scan(self) -> Iterator[ScannedRow]:
         """Validate the whole file; yield each valid row. Raises InputError at the end if

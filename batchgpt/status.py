@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgpt.config import JobConfig
+from batchgpt.files import open_regular
 from batchgpt.pricing import Usage
 from batchgpt.report import price_usage
 from batchgpt.store import JobLock, Store
@@ -14,7 +15,7 @@ from batchgpt.store import JobLock, Store
 
 def _count_input_lines(job: JobConfig) -> int | None:
     try:
-        with open(job.input, "rb") as fh:
+        with open_regular(job.input) as fh:  # never a FIFO: status must not block or drain it
             return sum(1 for line in fh if line.strip())
     except OSError:
         return None

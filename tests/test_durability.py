@@ -315,7 +315,7 @@ def test_output_that_is_a_fifo_is_refused_without_blocking(job: JobFiles, sim: S
     os.mkfifo(job.output)
     result = cli("run", path)
     assert result.exit_code == 1
-    assert "is not a regular file" in result.output
+    assert "is a pipe (FIFO), not a regular file" in result.output
     assert sim.stats.requests == 0
 
 

@@ -257,7 +257,8 @@ def test_stdin_from_a_pipe_is_refused(job: JobFiles, sim: Simulator) -> None:
     assert sim.stats.requests == 0
 
 
-@pytest.mark.parametrize(("target", "kind"), [("dir", "a directory"), ("/dev/null", "a device")])
+@pytest.mark.parametrize(("target", "kind"), [("dir", "a directory"),
+                                              ("/dev/null", "a character device")])
 def test_directory_or_device_input_is_refused(job: JobFiles, sim: Simulator, cli: Any,
                                               target: str, kind: str) -> None:
     where = str(job.dir) if target == "dir" else target

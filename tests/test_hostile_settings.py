@@ -152,7 +152,7 @@ def test_job_path_that_is_a_fifo_is_refused_without_opening_it(tmp_path: Path,
     thread.start()
     try:
         result = cli("run", fifo)
-        assert_refused(result, sim, f"{fifo}: not a regular file (a FIFO or pipe)")
+        assert_refused(result, sim, f"{fifo}: not a regular file (a pipe (FIFO))")
     finally:
         release = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         thread.join(timeout=10)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
+from batchgpt.files import file_kind
 from batchgpt.store.index import (
     Index,
     Settled,
@@ -313,8 +313,9 @@ def check_paths(job: JobConfig) -> None:
             continue
         except OSError as exc:
             raise StateError(f"cannot use {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise StateError(f"{path} exists and is not a regular file")
+        kind = file_kind(st.st_mode)
+        if kind is not None:
+            raise StateError(f"{path} exists and is {kind}, not a regular file")
 
 
 def _same_file(a: Path, b: Path) -> bool:
