@@ -66,7 +66,6 @@ class Cli:
                 [sys.executable, "-m", "batchgpt.cli", "run", str(job.job_path), *args],
                 stdout=subprocess.DEVNULL, stderr=err, env=env,
             )
-        self.started = time.monotonic()
 
     @property
     def stderr(self) -> str:
