@@ -176,7 +176,7 @@ async def test_retry_backoff_waits_exactly_the_delays_of_the_policy_on_the_clock
 # -- concurrency resizing -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("server_rpm", "in_flight"), [(None, 11), (60, 4)],
-                         ids=["server states no limits: the cap", "server states 60 rpm: 4"])
+                         ids=["server states no limits: every row", "server states 60 rpm: 4"])
 @bounded
 async def test_concurrency_changes_on_the_housekeeping_tick_after_the_first_answer(
     server: Simulator, job: JobFiles, start: Callable[..., Run], server_rpm: int | None,
@@ -186,8 +186,8 @@ async def test_concurrency_changes_on_the_housekeeping_tick_after_the_first_answ
     row at once (its poison marker: a 400 with the rate-limit headers) and hangs every
     other: the run learns a latency, and the server's limits, from that one answer, and
     nothing else ever finishes. The slot count moves only on the next 0.5 s tick: to the
-    cap when the server states no limits (every pending row goes), or to what 60 rpm
-    needs at this latency (the floor of 4) when it does."""
+    cap (1,024) when the server states no limits, so every pending row goes, or to what
+    60 rpm needs at this latency (⌈rate × latency × 1.5⌉ + 2, at least 4) when it does."""
     server.config.rpm = server_rpm
     server.config.window_s = 60.0  # the server admits a minute's worth at once: no 429s
     server.config.faults = HANG
@@ -207,7 +207,8 @@ async def test_concurrency_changes_on_the_housekeeping_tick_after_the_first_answ
     await clock.advance_to(HOUSEKEEPING_S)
     # At the tick one slot was in use, by the second row, with ten rows waiting.
     assert run.ticks == [(0.5, 1)]
-    # 60 rpm, learned from the 400's headers, paces what goes next at one a second.
+    # (At 60 rpm, learned from the 400's headers, what goes next is paced at one a
+    # second: t = 1, 2, 3, 4.)
     await clock.advance_to(10.0)
     await run.until(f"{in_flight} requests hanging in the server",
                     lambda: server.stats.in_flight == in_flight)
@@ -271,7 +272,7 @@ async def test_a_signal_gives_hung_requests_the_grace_period_then_leaves_their_r
     run.signal(signal.SIGTERM)  # at t=2: the grace period ends at t=32
     await clock.advance_to(31.999)
     assert not run.task.done()  # still waiting for the requests in flight
-    assert server.stats.in_flight == 4
+    assert server.stats.in_flight == 4 and server.stats.requests == 4
     await clock.advance_to(32.0)
 
     result = await run.result()
