@@ -63,6 +63,10 @@ class RunOptions:
     progress: Callable[[dict[str, Any]], None] | None = None  # called with live figures
     sandbox_config: Any = None  # a simulator.SimulatorConfig for --sandbox
     clock: Clock | None = None  # time for backoff, grace and housekeeping (tests: FakeClock)
+    # Given the run's signal handler once it starts sending (what SIGINT/SIGTERM call with
+    # handle_signals): code that embeds a run, or a test, interrupts it as a signal would
+    # by calling handler(signal.SIGTERM), without sending a signal to the whole process.
+    expose_signal_handler: Callable[[Callable[[int], None]], None] | None = None
 
 
 @dataclass
@@ -556,6 +560,8 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.add_signal_handler(sig, run.on_signal, sig)
                         installed.append(sig)
+            if options.expose_signal_handler is not None:
+                options.expose_signal_handler(run.on_signal)
             store.start_writer()
             housekeeping = asyncio.create_task(run.housekeeping(plan.to_send, t0))
             dispatch = asyncio.create_task(run.dispatch())

@@ -1,9 +1,6 @@
 """The per-job lock, between real processes: a second ``batchgpt run`` of a job that is
-running exits 75 at once and names the holder; a lock left by a killed run is taken over.
-
-The second run is started through a tiny wrapper that notes when batchgpt's imports are
-done (``-c``: import the CLI, then call its ``main``), so "exits at once" is measured from
-there and doesn't depend on how long importing the openai SDK takes on a loaded machine.
+running exits 75 without waiting for the lock, sends nothing and names the holder; a lock
+left by a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -16,22 +13,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from batchgpt.simulator import Simulator, SimulatorConfig, SimulatorThread
+from batchgpt.simulator import FaultConfig, Simulator, SimulatorConfig, SimulatorThread
 from tests.conftest import JobFiles, articles, read_jsonl
 
 ROWS = 200
-TIMEOUT_S = 30.0
-
-# Prints the monotonic clock once batchgpt is imported, then runs the CLI as usual.
-TIMED_CLI = ("import sys, time; import batchgpt.cli as c; "
-             "sys.stderr.write(f'IMPORTED {time.monotonic()}\\n'); sys.stderr.flush(); "
-             "sys.argv = ['batchgpt', *sys.argv[1:]]; c.main()")
+TIMEOUT_S = 30.0  # a safety net: only a run that hangs gets near it
 
 
 @pytest.fixture
@@ -48,24 +40,28 @@ def lock_job(tmp_path: Path, slow_sim: Simulator) -> JobFiles:
     return job
 
 
-def start(job: JobFiles, name: str, timed: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+def start(job: JobFiles, name: str) -> tuple[subprocess.Popen[bytes], Path]:
     env = dict(os.environ, OPENAI_API_KEY="sk-test-key")
     env.pop("OPENAI_BASE_URL", None)
     err_path = job.dir / f"{name}.stderr"
-    cmd = ([sys.executable, "-c", TIMED_CLI] if timed
-           else [sys.executable, "-m", "batchgpt.cli"]) + ["run", str(job.job_path)]
+    cmd = [sys.executable, "-m", "batchgpt.cli", "run", str(job.job_path)]
     with err_path.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     return proc, err_path
 
 
-def wait_for_lines(job: JobFiles, proc: subprocess.Popen[bytes], n: int) -> None:
-    """Poll the output (another process writes it) until it has n lines."""
+def wait_until(proc: subprocess.Popen[bytes], what: str, cond: Callable[[], bool]) -> None:
+    """Poll ``cond`` (another process is at work) while the run goes on."""
     deadline = time.monotonic() + TIMEOUT_S
-    while not job.output.exists() or job.output.read_bytes().count(b"\n") < n:
-        assert proc.poll() is None, f"the run exited ({proc.returncode}) before {n} lines"
-        assert time.monotonic() < deadline, f"no {n} output lines after {TIMEOUT_S}s"
+    while not cond():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT_S}s"
         time.sleep(0.005)
+
+
+def wait_for_lines(job: JobFiles, proc: subprocess.Popen[bytes], n: int) -> None:
+    wait_until(proc, f"{n} output lines",
+               lambda: job.output.exists() and job.output.read_bytes().count(b"\n") >= n)
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = TIMEOUT_S) -> int:
@@ -87,30 +83,43 @@ def test_second_run_of_a_running_job_exits_75_naming_the_holder(
     lock_job: JobFiles, slow_sim: Simulator
 ) -> None:
     job = lock_job
+    # The first run's requests hang, and would time out only after ten minutes: it holds
+    # the lock, and sends nothing more, until the test kills it.
+    slow_sim.config.faults = FaultConfig(hang_rate=1.0)
+    job.write(timeout_s=600)
     before_first = datetime.now(timezone.utc).replace(microsecond=0)
-    first, first_err = start(job, "first")
-    wait_for_lines(job, first, 5)  # it holds the lock and is sending
+    first, _ = start(job, "first")
+    wait_until(first, "both of its requests hanging", lambda: slow_sim.stats.in_flight == 2)
+    lock = job.output.with_name("job.state") / "lock"
 
-    second, second_err = start(job, "second", timed=True)
-    code = finish(second, timeout=15)
-    exited = time.monotonic()
+    second, second_err = start(job, "second")
+    code = finish(second)
     err = second_err.read_text()
     assert code == 75, err
-    assert first.poll() is None, "the first run had finished: nothing was tested"
-    imported = float(re.search(r"IMPORTED ([0-9.]+)", err).group(1))  # type: ignore[union-attr]
-    assert exited - imported < 1.0, f"exit 75 took {exited - imported:.2f}s after start-up"
-
+    # It did not wait for the lock: the first run, which cannot finish, still holds it.
+    assert first.poll() is None
+    assert lock.read_text().startswith(f"pid {first.pid},")
+    assert slow_sim.stats.requests == 2  # the second run sent nothing
+    assert slow_sim.stats.in_flight == 2
     holder = re.search(r"pid (\d+), started (\S+)", err)
     assert holder, err
     assert int(holder.group(1)) == first.pid
     started = datetime.fromisoformat(holder.group(2))
     assert before_first <= started <= datetime.now(timezone.utc) + timedelta(seconds=1)
     assert "Traceback" not in err
-    assert not (job.dir / "out" / "job.summary.json").exists()  # the second wrote nothing
+    assert read_jsonl(job.output) == []  # the second wrote nothing
+    assert not job.summary_path.exists()
 
-    assert finish(first) == 0, first_err.read_text()
+    # The second run disturbed nothing: once the first is gone, a rerun answers every row
+    # exactly once, sending again only the two requests that hung.
+    first.send_signal(signal.SIGKILL)
+    assert finish(first) == -signal.SIGKILL
+    slow_sim.config.faults = FaultConfig()
+    slow_sim.config.latency_s = 0.0
+    third, third_err = start(job, "third")
+    assert finish(third) == 0, third_err.read_text()
     assert_every_row_once(job)
-    assert slow_sim.stats.requests == ROWS  # the second run sent nothing
+    assert slow_sim.stats.requests == ROWS + 2
     assert json.loads(job.summary_path.read_text())["outcome"] == "completed"
 
 
