@@ -237,16 +237,19 @@ class Usage(BaseModel):
         reasoning = _count(
             _details(usage, "completion_tokens_details", dropped).get("reasoning_tokens"),
             "completion_tokens_details.reasoning_tokens", dropped)
+        # model_construct: every count was checked above, and validating again costs
+        # more than the rest of reading a reply's usage (this runs once per result).
         return UsageReading(
-            cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
-                cached_tokens=cached, reasoning_tokens=reasoning),
+            cls.model_construct(prompt_tokens=prompt, completion_tokens=completion,
+                                total_tokens=total, cached_tokens=cached,
+                                reasoning_tokens=reasoning),
             tuple(dropped),
         )
 
     def __add__(self, other: object) -> Usage:
         if not isinstance(other, Usage):
             return NotImplemented
-        return Usage(
+        return Usage.model_construct(  # sums of valid counts are valid counts
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,

@@ -27,10 +27,12 @@ index and touches no file; the report says what a real run would do.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,10 +125,12 @@ def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: 
     duplicates = 0  # an id twice in the tail: the later line wins, the earlier is dead
     with index.transaction():
         batch: dict[str, NewResult] = {}
-        for result in scan.results():
-            if result.custom_id in batch:
+        for cid, off, length, model, p, c, cached, reasoning in scan.results():
+            if cid in batch:
                 duplicates += 1
-            batch[result.custom_id] = result
+            batch[cid] = NewResult(cid, None, off, length, 1, model, Usage.model_construct(
+                prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                cached_tokens=cached, reasoning_tokens=reasoning))
             if len(batch) >= CHUNK:
                 index.commit(list(batch.values()), [], None)  # counts what it replaces
                 batch = {}
@@ -139,25 +143,20 @@ def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: 
 # -- tier 3 ---------------------------------------------------------------------------------
 
 def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
+    """Everything in SQL over a temporary table of the output's lines, so memory stays
+    flat whatever the output's size."""
     report.rebuilt = True
     scan = _Scan(out, 0, 0)
+    insert = ("INSERT INTO scan (custom_id, off, len, model, p, c, cached, reasoning) "
+              "VALUES (?,?,?,?,?,?,?,?)")
     with index.transaction() as db:
         db.execute("DROP TABLE IF EXISTS temp.scan")
         db.execute("CREATE TEMP TABLE scan (seq INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
                    "off INTEGER, len INTEGER, model TEXT, p INTEGER, c INTEGER, cached INTEGER, "
                    "reasoning INTEGER)")
-        rows: list[tuple[str, int, int, str | None, int, int, int, int]] = []
-        for r in scan.results():
-            u = r.usage
-            rows.append((r.custom_id, r.off, r.len, r.model, u.prompt_tokens,
-                         u.completion_tokens, u.cached_tokens, u.reasoning_tokens))
-            if len(rows) >= CHUNK:
-                db.executemany("INSERT INTO scan (custom_id, off, len, model, p, c, cached, "
-                               "reasoning) VALUES (?,?,?,?,?,?,?,?)", rows)
-                rows = []
-        if rows:
-            db.executemany("INSERT INTO scan (custom_id, off, len, model, p, c, cached, "
-                           "reasoning) VALUES (?,?,?,?,?,?,?,?)", rows)
+        rows = scan.results()
+        while chunk := list(itertools.islice(rows, CHUNK)):
+            db.executemany(insert, chunk)
         db.execute("CREATE INDEX temp.scan_id ON scan (custom_id, seq)")
         # The live line of each id: the one the index points at when it is still there
         # unchanged in place, else the id's last line.
@@ -173,21 +172,30 @@ def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
             "SELECT COUNT(*) FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)"
         ).fetchone()[0]
         db.execute("DELETE FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)")
-        db.execute("UPDATE results SET off = (SELECT off FROM live WHERE live.custom_id = "
-                   "results.custom_id), len = (SELECT len FROM live WHERE live.custom_id = "
-                   "results.custom_id)")
-        new = [NewResult(cid, None, off, length, 1, model,
-                         Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                               cached_tokens=cached, reasoning_tokens=reasoning))
-               for cid, off, length, model, p, c, cached, reasoning in db.execute(
-                   "SELECT custom_id, off, len, model, p, c, cached, reasoning FROM live "
-                   "WHERE custom_id NOT IN (SELECT custom_id FROM results)")]
-        for i in range(0, len(new), CHUNK):
-            index.commit(new[i : i + CHUNK], [], None)
-        report.taken_over = len(new)
-        live = db.execute("SELECT COUNT(*) FROM live").fetchone()[0]
-        db.execute("DROP TABLE temp.live")
-        db.execute("DROP TABLE temp.scan")
+        db.execute("UPDATE results SET "
+                   "off = (SELECT off FROM live WHERE live.custom_id = results.custom_id), "
+                   "len = (SELECT len FROM live WHERE live.custom_id = results.custom_id) "
+                   "WHERE EXISTS (SELECT 1 FROM live WHERE live.custom_id = results.custom_id "
+                   "AND (live.off != results.off OR live.len != results.len))")
+        # Taken over: ids the index did not know. Paid for, so they count as spend.
+        db.execute("CREATE TEMP TABLE new AS SELECT * FROM live WHERE custom_id NOT IN "
+                   "(SELECT custom_id FROM results)")
+        report.taken_over = db.execute("SELECT COUNT(*) FROM temp.new").fetchone()[0]
+        db.execute("INSERT INTO results SELECT custom_id, NULL, off, len, 1, model, p, c, "
+                   "cached, reasoning, NULL, ? FROM temp.new", (time.time(),))
+        db.execute("DELETE FROM failures WHERE custom_id IN (SELECT custom_id FROM temp.new)")
+        db.execute(
+            "INSERT INTO spend (model, results, prompt_tokens, completion_tokens, "
+            "cached_tokens, reasoning_tokens) SELECT COALESCE(model, ''), COUNT(*), SUM(p), "
+            "SUM(c), SUM(cached), SUM(reasoning) FROM temp.new WHERE true "
+            "GROUP BY COALESCE(model, '') ON CONFLICT(model) DO UPDATE SET results = results + excluded.results, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "cached_tokens = cached_tokens + excluded.cached_tokens, "
+            "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens")
+        live = db.execute("SELECT COUNT(*) FROM temp.live").fetchone()[0]
+        for table in ("new", "live", "scan"):
+            db.execute(f"DROP TABLE temp.{table}")
         index.set_meta(dead_lines=0)  # every line of the file is accounted for below
         _settle_file(out, index, scan, report, dry, extra_dead=scan.good - live)
 
@@ -209,7 +217,9 @@ class _Scan:
         self.needs_newline = False
         self.end = start  # end of the last whole line kept in the file
 
-    def results(self) -> Iterator[NewResult]:
+    def results(self) -> Iterator[tuple[str, int, int, str | None, int, int, int, int]]:
+        """(custom_id, offset, length, model, prompt, completion, cached, reasoning tokens)
+        of each result line, in file order."""
         for off, line in self.out.lines(self.start):
             if not line.endswith(b"\n"):
                 parsed = parse_result_line(line + b"\n")
@@ -229,12 +239,9 @@ class _Scan:
                     self.blank += 1
                 continue
             self.good += 1
-            yield NewResult(parsed.custom_id, None, off, len(line), 1, parsed.model,
-                            _usage(parsed.usage))
-
-
-def _usage(raw: object) -> Usage:
-    return Usage.from_response(raw if isinstance(raw, Mapping) else None)
+            u = Usage.from_response(parsed.usage)
+            yield (parsed.custom_id, off, len(line), parsed.model, u.prompt_tokens,
+                   u.completion_tokens, u.cached_tokens, u.reasoning_tokens)
 
 
 def _settle_file(out: OutputLog, index: Index, scan: _Scan, report: Report, dry: bool,
