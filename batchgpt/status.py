@@ -11,6 +11,7 @@ from batchgpt.files import open_regular
 from batchgpt.pricing import Usage
 from batchgpt.report import price_usage
 from batchgpt.store import JobLock, Store
+from batchgpt.summary import Summary
 
 
 def _count_input_lines(job: JobConfig) -> int | None:
@@ -19,6 +20,23 @@ def _count_input_lines(job: JobConfig) -> int | None:
             return sum(1 for line in fh if line.strip())
     except OSError:
         return None
+
+
+def _last_run(store: Store) -> dict[str, Any] | None:
+    """The last run, with why it stopped read from its summary (the typed model)."""
+    found = store.index.last_run()
+    if found is None:
+        return None
+    run, summary_json = found
+    run.update(stopped=None, message=None)
+    if summary_json and summary_json != "{}":
+        try:
+            summary = Summary.model_validate_json(summary_json)
+        except ValueError:  # a summary written by an older batchgpt
+            return run
+        run.update(stopped=summary.stopped.value if summary.stopped else None,
+                   message=summary.message)
+    return run
 
 
 def job_status(job: JobConfig) -> dict[str, Any]:
@@ -40,7 +58,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
     try:
         totals = store.totals()
         codes = store.failure_codes()
-        last = store.index.last_run()
+        last = _last_run(store)
         recovery = store.recovery
     finally:
         store.close()
@@ -83,6 +101,7 @@ def render_status(info: dict[str, Any]) -> str:
     if last:
         ended = f"finished {last['finished_at']}" if last["finished_at"] else "not finished"
         lines.append(f"  last run   started {last['started_at']}, {ended}, "
-                     f"outcome {last['outcome'] or '-'}")
+                     f"outcome {last['outcome'] or '-'}"
+                     + (f" ({last['stopped']})" if last.get("stopped") else ""))
     lines.append(f"  lock       {'held: ' + info['locked_by'] if info['locked_by'] else 'free'}")
     return "\n".join(lines)

@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+# Adding to what was paid per model (an upsert: one row per model).
+SPEND_INSERT = ("INSERT INTO spend (model, results, prompt_tokens, completion_tokens, "
+                "cached_tokens, reasoning_tokens)")
+SPEND_UPSERT = ("ON CONFLICT(model) DO UPDATE SET results = results + excluded.results, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "cached_tokens = cached_tokens + excluded.cached_tokens, "
+                "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class Settled:
     """What the index holds for one row whose stored state is not simply "succeeded for
@@ -410,16 +420,8 @@ class Index:
             acc[2] += u.completion_tokens
             acc[3] += u.cached_tokens
             acc[4] += u.reasoning_tokens
-        self.db.executemany(
-            "INSERT INTO spend (model, results, prompt_tokens, completion_tokens, "
-            "cached_tokens, reasoning_tokens) VALUES (?,?,?,?,?,?) ON CONFLICT(model) DO UPDATE "
-            "SET results = results + excluded.results, "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "cached_tokens = cached_tokens + excluded.cached_tokens, "
-            "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens",
-            [(m, *acc) for m, acc in by_model.items()],
-        )
+        self.db.executemany(f"{SPEND_INSERT} VALUES (?,?,?,?,?,?) {SPEND_UPSERT}",
+                            [(m, *acc) for m, acc in by_model.items()])
 
     def move_offsets(self, moved: list[tuple[int, str]], **meta: str | int | None) -> None:
         with self.transaction() as db:
@@ -476,14 +478,16 @@ class Index:
         self.db.execute("UPDATE runs SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
                         (finished_at, outcome, summary, run_id))
 
-    def last_run(self) -> dict[str, Any] | None:
+    def last_run(self) -> tuple[dict[str, Any], str | None] | None:
+        """The last run's row, and the summary it wrote (JSON) if it finished."""
         row = self.db.execute(
-            "SELECT id, started_at, finished_at, outcome, pid FROM runs ORDER BY id DESC LIMIT 1"
+            "SELECT id, started_at, finished_at, outcome, pid, summary FROM runs "
+            "ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
-        return {"id": row[0], "started_at": row[1], "finished_at": row[2], "outcome": row[3],
-                "pid": row[4]}
+        return ({"id": row[0], "started_at": row[1], "finished_at": row[2], "outcome": row[3],
+                 "pid": row[4]}, row[5])
 
 
 def open_or_none(path: Path, *, verify: bool) -> tuple[Index | None, str | None]:

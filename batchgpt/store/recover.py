@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchgpt.pricing import Usage
-from batchgpt.store.index import Index, NewFailure, NewResult
+from batchgpt.store.index import SPEND_INSERT, SPEND_UPSERT, Index, NewFailure, NewResult
 from batchgpt.store.output_log import OutputLog, parse_result_line
 
 log = logging.getLogger("batchgpt")
@@ -184,15 +184,9 @@ def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
         db.execute("INSERT INTO results SELECT custom_id, NULL, off, len, 1, model, p, c, "
                    "cached, reasoning, NULL, ? FROM temp.new", (time.time(),))
         db.execute("DELETE FROM failures WHERE custom_id IN (SELECT custom_id FROM temp.new)")
-        db.execute(
-            "INSERT INTO spend (model, results, prompt_tokens, completion_tokens, "
-            "cached_tokens, reasoning_tokens) SELECT COALESCE(model, ''), COUNT(*), SUM(p), "
-            "SUM(c), SUM(cached), SUM(reasoning) FROM temp.new WHERE true "
-            "GROUP BY COALESCE(model, '') ON CONFLICT(model) DO UPDATE SET results = results + excluded.results, "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "cached_tokens = cached_tokens + excluded.cached_tokens, "
-            "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens")
+        db.execute(f"{SPEND_INSERT} SELECT COALESCE(model, ''), COUNT(*), SUM(p), SUM(c), "
+                   "SUM(cached), SUM(reasoning) FROM temp.new WHERE true "
+                   f"GROUP BY COALESCE(model, '') {SPEND_UPSERT}")
         live = db.execute("SELECT COUNT(*) FROM temp.live").fetchone()[0]
         for table in ("new", "live", "scan"):
             db.execute(f"DROP TABLE temp.{table}")
