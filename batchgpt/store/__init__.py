@@ -41,6 +41,8 @@ from batchgpt.store.writer import GroupWriter
 
 log = logging.getLogger("batchgpt")
 
+ADOPT_IN_MEMORY = 100_000  # taken-over ids held as a set while planning (~10 MB at most)
+
 __all__ = ["GroupWriter", "JobLock", "Settled", "Store", "Totals", "encode_line", "now_iso"]
 
 
@@ -180,11 +182,21 @@ class Store:
         return self.index.unsettled(rows)
 
     def has_unadopted(self) -> bool:
-        return self.index.has_unadopted()
+        """Whether results were taken over without a request hash. A few (the tail after a
+        kill) are held as a set, so the plan filters its batches in memory; after a full
+        rebuild, the plan asks the index batch by batch, once."""
+        n = self.index.unadopted_count()
+        self._unadopted = self.index.all_unadopted() if 0 < n <= ADOPT_IN_MEMORY else None
+        return n > 0
+
+    _unadopted: set[str] | None = None
 
     def adopt(self, rows: Sequence[tuple[str, str]]) -> None:
         """Taken-over results among ``rows`` become the results of these requests."""
-        ids = self.index.unadopted([cid for cid, _ in rows])
+        if self._unadopted is not None:
+            ids = [cid for cid, _ in rows if cid in self._unadopted]
+        else:
+            ids = self.index.unadopted([cid for cid, _ in rows])
         if ids:
             hashes = dict(rows)
             self.index.adopt((cid, hashes[cid]) for cid in ids)

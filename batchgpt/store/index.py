@@ -365,9 +365,13 @@ class Index:
             db.executemany("UPDATE results SET req_hash = ? WHERE custom_id = ? AND "
                            "req_hash IS NULL", [(h, cid) for cid, h in pairs])
 
-    def has_unadopted(self) -> bool:
-        return self.db.execute("SELECT 1 FROM results WHERE req_hash IS NULL LIMIT 1"
-                               ).fetchone() is not None
+    def unadopted_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM results WHERE req_hash IS NULL"
+                                   ).fetchone()[0])
+
+    def all_unadopted(self) -> set[str]:
+        return {cid for (cid,) in self.db.execute(
+            "SELECT custom_id FROM results WHERE req_hash IS NULL")}
 
     # -- writing --------------------------------------------------------------------------
     def commit(self, results: list[NewResult], failures: list[NewFailure], run_id: int | None,
