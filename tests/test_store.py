@@ -167,7 +167,7 @@ def test_a_schema_1_checkpoint_is_migrated(tmp_path: Path) -> None:
 
 # -- the writer ----------------------------------------------------------------------------------
 
-async def test_a_failed_index_write_breaks_the_writer_and_keeps_the_lines(
+async def test_after_a_failed_index_write_results_still_reach_the_output_and_are_taken_over(
     tmp_path: Path
 ) -> None:
     job = make_job(tmp_path)
@@ -179,19 +179,21 @@ async def test_a_failed_index_write_breaks_the_writer_and_keeps_the_lines(
                            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
     with pytest.raises(StateError, match="cannot record results in the checkpoint"):
         await writer.put_result("b", "h", result_line("b"), 1, "m", Usage())
-    with pytest.raises(StateError):  # broken for good: nothing more is written
+    # A result still on the wire when the run stopped: written to the output, not recorded.
+    with pytest.raises(StateError, match="cannot record results in the checkpoint"):
         await writer.put_result("c", "h", result_line("c"), 1, "m", Usage())
+    assert not writer.healthy
     await store.stop_writer()
     store.index.db.execute("DROP TRIGGER no_more")
     store.close()
     assert [json.loads(x)["custom_id"] for x in job.output.read_bytes().splitlines()] == [
-        "a", "b"]  # b was written whole; c never was
+        "a", "b", "c"]  # whole lines: paid for, kept
 
     again = Store(job)
-    again.open()  # b's line is taken over: it was paid for
+    again.open()  # b's and c's lines are taken over
     try:
-        assert live(again.index) == ["a", "b"]
-        assert again.recovery.taken_over == 1
+        assert live(again.index) == ["a", "b", "c"]
+        assert again.recovery.taken_over == 2
     finally:
         again.close()
 

@@ -248,7 +248,7 @@ class Store:
         """After a run: drop superseded lines from the output (only when it is exactly
         what the index says), rewrite the failures file. Problems are logged, never
         raised: the results are safe in the output whatever happens here."""
-        healthy = self.writer is None or self.writer.broken is None
+        healthy = self.writer is None or self.writer.healthy
         if healthy and self.index.meta_int("dead_lines"):
             fp = self.out.fingerprint()
             if fp is not None and fp.size == self.out.size:

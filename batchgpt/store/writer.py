@@ -7,11 +7,16 @@ usage, what was paid) together with the output's new size, CRC and fingerprint. 
 do the workers' awaits return, so a row is never "done" before its line is durable, and a
 worker that holds its concurrency slot until then bounds what a kill can cost.
 
-The first failed write breaks the writer for good: every waiting and later ``put`` raises
-the same :class:`StateError` and the run stops. Nothing is recorded at an offset that was
-not written — a failed append is cut back by the output log; lines appended before a
-failed index commit stay in the output, complete and fsynced, and the next run takes
-them over (nothing paid for is thrown away).
+The first failure stops the run: every waiting and later ``put`` raises a
+:class:`StateError`. What it means for the results still coming in (from requests that
+were already on the wire) depends on what failed:
+
+* **the output** (a full disk, the file deleted or replaced): nothing more can be written;
+  a failed append is cut back by the output log, so no partial line is left;
+* **the index** (an SQLite error, the state folder removed): the output is fine, so every
+  result that still arrives is appended to it, complete and fsynced, before its ``put``
+  raises — and the next run takes those lines over. Nothing is recorded in the index from
+  then on, and nothing is ever recorded at an offset that was not written.
 """
 
 from __future__ import annotations
@@ -35,12 +40,17 @@ class _Item:
     done: asyncio.Future[None]
 
 
+class IndexFailed(StateError):
+    """The index can't be written; the output still can."""
+
+
 class GroupWriter:
     def __init__(self, out: OutputLog, index: Index, run_id: int | None) -> None:
         self.out = out
         self.index = index
         self.run_id = run_id
-        self.broken: StateError | None = None
+        self.broken: StateError | None = None  # nothing more can be written
+        self.unindexed: IndexFailed | None = None  # results go to the output only
         self.committed_results = 0
         self.replaced = 0  # results this run replaced (their rows had an older result)
         self._queue: list[_Item] = []
@@ -72,6 +82,11 @@ class GroupWriter:
         await self._put(None, NewFailure(custom_id, req_hash, transient, error_code, attempts,
                                          line), line)
 
+    @property
+    def healthy(self) -> bool:
+        """Every result so far is in the output and recorded in the index."""
+        return self.broken is None and self.unindexed is None
+
     async def _put(self, result: NewResult | None, failure: NewFailure | None,
                    line: bytes) -> None:
         if self.broken is not None:
@@ -94,6 +109,8 @@ class GroupWriter:
                     if self.broken is not None:
                         raise self.broken
                     await asyncio.to_thread(self._commit, batch)
+                except IndexFailed as exc:
+                    self.unindexed = error = exc
                 except StateError as exc:
                     self.broken = error = exc
                 except Exception as exc:  # a bug or an unforeseen error: stop writing
@@ -119,7 +136,6 @@ class GroupWriter:
                 chunks.append(item.line)
             elif item.failure is not None:
                 failures.append(item.failure)
-        self._check_state_folder()
         meta: dict[str, str | int] = {}
         if chunks:
             start, fingerprint = self.out.append(b"".join(chunks))
@@ -129,23 +145,26 @@ class GroupWriter:
                 pos += r.len
             meta = {"output_size": self.out.size, "output_crc": self.out.crc,
                     "fingerprint": fingerprint.dumps()}
+        if self.unindexed is not None:
+            raise self.unindexed  # appended above: the next run takes these lines over
+        kept = (f"; the {len(results)} results just written are kept in {self.out.path} "
+                "and the next run takes them over") if results else ""
+        self._check_state_folder(kept)
         try:
             self.replaced += self.index.commit(results, failures, self.run_id, **meta)
         except (sqlite3.Error, OverflowError, ValueError) as exc:
-            kept = (f"; the {len(results)} results just written are kept in {self.out.path} "
-                    "and the next run takes them over") if results else ""
-            raise StateError(f"cannot record results in the checkpoint "
-                             f"({type(exc).__name__}: {exc}){kept}") from None
+            raise IndexFailed(f"cannot record results in the checkpoint "
+                              f"({type(exc).__name__}: {exc}){kept}") from None
         self.committed_results += len(results)
 
-    def _check_state_folder(self) -> None:
-        """The checkpoint (and the lock beside it) removed during the run: writing on into
-        a deleted file would lose everything, and the lock no longer keeps a second run
+    def _check_state_folder(self, kept: str) -> None:
+        """The checkpoint (and the lock beside it) removed during the run: recording into
+        a deleted file would be for nothing, and the lock no longer keeps a second run
         out. Stop instead; the output, the durable record, is untouched."""
         if self._index_inode is not None and _inode(self.index.path) != self._index_inode:
             folder = self.index.path.parent if self.index.path else "the state folder"
-            raise StateError(f"{folder} was removed or replaced during the run; stopping. "
-                             "Results written so far are in the output and are kept")
+            raise IndexFailed(f"{folder} was removed or replaced during the run; stopping"
+                              f"{kept}")
 
 
 def _inode(path: object) -> int | None:
