@@ -18,11 +18,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from batchgpt import JobConfig, RunOptions
+from batchgpt.pricing import Usage
 from batchgpt.runner import run_job
 from batchgpt.simulator import Simulator, SimulatorConfig
+from batchgpt.store.index import Index, NewResult
+from batchgpt.store.output_log import OutputLog
 from tests.conftest import JobFiles, articles, read_jsonl, user_texts, write_jsonl
 
 
@@ -448,3 +452,54 @@ def test_a_lone_surrogate_in_a_reply_is_stored_escaped_not_paid_again(
     assert cli("run", path).exit_code == 0
     assert sim.stats.requests == 0
 
+
+
+# -- a kill during the end-of-run compaction, at each step ---------------------------------------
+
+def _with_dead_lines(job: JobFiles, cli: Any) -> Path:
+    """A finished job whose output holds superseded lines (three rows answered twice), as a
+    run that replaced results leaves it just before its compaction."""
+    from batchgpt.store import Store
+
+    path = done_run(job, cli, n=10)
+    store = Store(JobConfig.load(path))
+    store.open()
+    try:
+        lines = job.output.read_bytes().splitlines(keepends=True)[:3]
+        results = []
+        start, fp = store.out.append(b"".join(lines))
+        for line in lines:
+            results.append(NewResult(json.loads(line)["custom_id"], None, start, len(line), 1,
+                                     "gpt-4o-mini", Usage()))
+            start += len(line)
+        store.index.commit(results, [], None, output_size=store.out.size,
+                           output_crc=store.out.crc, fingerprint=fp.dumps())
+        assert store.index.meta_int("dead_lines") == 3
+    finally:
+        store.dry = True  # close without compacting
+        store.close()
+    return path
+
+
+@pytest.mark.parametrize("step", ["file written", "offsets committed", "renamed"])
+def test_a_kill_during_compaction_loses_nothing_and_the_next_run_finishes_it(
+    job: JobFiles, sim: Simulator, cli: Any, step: str
+) -> None:
+    path = _with_dead_lines(job, cli)
+    index = Index.open(state_db(job))
+    out = OutputLog(job.output)
+    moved, size, crc = out.write_compacted(index.live_ranges())
+    if step != "file written":
+        index.move_offsets(moved, output_size=size, output_crc=crc, dead_lines=0,
+                           compacting=1, fingerprint=None)
+    if step == "renamed":
+        out.swap_in_compacted()
+    index.close()  # "killed" here
+    sim.reset_stats()
+
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert sim.stats.requests == 0
+    assert ids_in(job.output) == Counter({a["id"]: 1 for a in articles(10)})
+    assert not out.compact_path.exists()
+    assert job.summary()["requests"]["succeeded"] == 10
