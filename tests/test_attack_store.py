@@ -368,3 +368,37 @@ def test_dry_run_and_status_write_nothing_in_the_state_folder(
     assert cli("run", path, "--dry-run").exit_code == 0
     assert cli("status", path).exit_code == 0
     assert state_files(job) == before
+
+
+# -- 13. status counts results of rows no longer in the input as this input's -------------
+def test_status_counts_pending_rows_of_the_current_input(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """`status` computes pending as input lines − results − failures over the whole
+    output: results of rows removed from the input (kept, as the README says) hide new
+    rows. Today's input of 15 done rows + 5 new ones shows "succeeded 20, pending 0";
+    a dry run of the same job says 5 to send."""
+    path = job.write(rows(20))
+    assert cli("run", path).exit_code == 0
+    today = rows(20)[5:] + [{"id": f"n{i:03d}", "text": f"n{i:03d} new here."} for i in range(5)]
+    job.write(today)
+    result = cli("status", path, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["requests"]["total"] == 20
+    assert info["requests"]["pending"] == 5, info["requests"]
+
+
+# -- 14. an id with an escaped lone surrogate is an internal error ------------------------
+def test_input_id_with_a_lone_surrogate_is_an_input_error_not_an_internal_one(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """`{"id": "x\\ud800y", ...}` is valid JSON and passes validation, then the plan hands
+    the id to SQLite, which cannot encode it: "internal error: UnicodeEncodeError ... a bug
+    in batchgpt", exit 70, on every run — one odd line makes the whole job unrunnable
+    without naming the line."""
+    path = job.write(rows(3) + ['{"id": "x\\ud800y", "text": "odd id here."}'])
+    result = cli("run", path)
+    assert "internal error" not in result.output, result.output
+    assert not crash_files(job)
+    assert result.exit_code in (0, 1)
