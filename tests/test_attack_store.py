@@ -402,3 +402,32 @@ def test_input_id_with_a_lone_surrogate_is_an_input_error_not_an_internal_one(
     assert "internal error" not in result.output, result.output
     assert not crash_files(job)
     assert result.exit_code in (0, 1)
+
+
+# -- 15. a compaction that cannot write its file ends the run as an internal error --------
+def test_compaction_that_cannot_write_its_file_is_a_warning_not_an_internal_error(
+    job: JobFiles, sim: Simulator
+) -> None:
+    """finalize() says compaction problems are "logged, never raised", but an OSError from
+    write_compacted (ENOSPC in real life: the compaction needs a second copy of the
+    output; here a dangling `job.jsonl.compact` link gives the same OSError
+    deterministically) escapes: exit 70 "internal error", the summary of the run that
+    just paid for 10 rows is never written, and every later run stops at the compaction
+    in open() ("cannot open the job's state") although nothing is wrong with the results.
+    On a full disk it is worse: the partial .compact file is left eating the space, and
+    the next runs die with "internal error" in JobLock.acquire (its pid write), before
+    open() could remove it."""
+    path = job.write(rows(10), prompt="Summarize: {text}")
+    first = Cli(job)
+    assert first.wait() == 0, first.stderr
+    (job.output.parent / "job.jsonl.compact").symlink_to(job.dir / "no" / "such" / "dir")
+    job.write(prompt="Summarize NEW: {text}")
+    second = Cli(job)
+    code = second.wait()
+    assert "internal error" not in second.stderr and "Traceback" not in second.stderr, (
+        second.stderr)
+    assert code == 0, second.stderr
+    assert job.summary()["plan"]["changed"] == 10  # this run's summary, not the last one's
+    third = Cli(job)
+    assert third.wait() == 0, third.stderr
+    assert output_ids(job.output) == Counter({r["id"]: 1 for r in rows(10)})
