@@ -431,3 +431,25 @@ def test_compaction_that_cannot_write_its_file_is_a_warning_not_an_internal_erro
     third = Cli(job)
     assert third.wait() == 0, third.stderr
     assert output_ids(job.output) == Counter({r["id"]: 1 for r in rows(10)})
+
+
+# -- 16. answers that arrive after the checkpoint broke are paid and thrown away ----------
+def test_answers_arriving_after_the_state_folder_vanished_are_kept_in_the_output(
+    tmp_path: Path, slow_sim: Simulator
+) -> None:
+    """The writer checks the state folder *before* appending the batch in hand, and once
+    broken it refuses every later put: the batch being committed and every request still
+    in flight (up to `concurrency`) are answered, paid, and dropped — although the output,
+    the durable record, is writable and the next run would take them over. Their usage is
+    missing from the summary too (cost under-reported)."""
+    job = JobFiles(tmp_path, slow_sim.base_url)
+    job.write(rows(200), limits={"concurrency": 8})
+    run = Cli(job)
+    run.until("40 output lines", lambda: line_count(job.output) >= 40)
+    shutil.rmtree(job.output.with_name("job.state"))  # a clean-up job, an `rm -rf` ...
+    assert run.wait() == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    answered = slow_sim.stats.requests
+    lines = read_jsonl(job.output)
+    assert len(lines) == answered, f"{answered - len(lines)} paid answers thrown away"
+    assert job.summary()["this_run"]["requests"]["succeeded"] == answered
