@@ -453,3 +453,26 @@ def test_answers_arriving_after_the_state_folder_vanished_are_kept_in_the_output
     lines = read_jsonl(job.output)
     assert len(lines) == answered, f"{answered - len(lines)} paid answers thrown away"
     assert job.summary()["this_run"]["requests"]["succeeded"] == answered
+
+
+# -- 17. an absurd usage figure from the server wedges the job for good -------------------
+def test_absurd_usage_from_a_server_does_not_wedge_the_job(tmp_path: Path, cli: Any) -> None:
+    """A proxy answers with `"prompt_tokens": 1e20` (an int past SQLite's 64 bits). The
+    writer appends the line, the index commit overflows, the run stops (storage) — and
+    the other answers in flight are thrown away. Worse, every later run takes that line
+    over on open, hits the same OverflowError outside any handler and dies with
+    "internal error", exit 70, even after the server is fixed: the job can't run again
+    until someone edits the output by hand."""
+    config = SimulatorConfig()
+    config.faults.reply_patch = {"usage": {"prompt_tokens": 10**20}}
+    with SimulatorThread(config) as sim:
+        job = JobFiles(tmp_path, sim.base_url)
+        path = job.write(rows(5))
+        first = cli("run", path)
+        assert "internal error" not in first.output, first.output
+        sim.config.faults.reply_patch = None  # the server is fixed
+        second = cli("run", path)
+        assert "internal error" not in second.output, second.output
+        assert second.exit_code == 0, second.output
+        assert output_ids(job.output) == Counter({r["id"]: 1 for r in rows(5)})
+        assert sim.stats.requests == 5, "answers already paid for were sent again"
