@@ -9,6 +9,7 @@ against.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -16,9 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 import yaml
 
 from batchgpt.simulator import Simulator, SimulatorConfig, SimulatorThread
-from tests.conftest import JobFiles, articles, read_jsonl, user_texts, write_jsonl
+from tests.conftest import JobFiles, read_jsonl, user_texts, write_jsonl
 from tests.test_crash import Cli, line_count
 
 POISON = "__POISON__"  # the simulator's default poison marker: 400 context_length_exceeded
@@ -189,7 +188,8 @@ def test_reordered_output_after_a_killed_rerun_keeps_the_new_answers(
     # Reorder: for each id, its newer line now comes before its older one.
     lines = job.output.read_bytes().splitlines(keepends=True)
     lines.sort(key=lambda b: json.loads(b)["custom_id"])
-    grouped = [list(g) for _, g in itertools.groupby(lines, key=lambda b: json.loads(b)["custom_id"])]
+    grouped = [list(g) for _, g in
+               itertools.groupby(lines, key=lambda b: json.loads(b)["custom_id"])]
     job.output.write_bytes(b"".join(line for g in grouped for line in reversed(g)))
 
     slow_sim.config.latency_s = 0.0
@@ -329,10 +329,8 @@ def test_fifo_input_does_not_hang(tmp_path: Path, sim: Simulator) -> None:
         pytest.fail("batchgpt hung on a FIFO input (killed after 30 s)")
     finally:
         # Release the feeder if batchgpt never opened the pipe.
-        try:
+        with contextlib.suppress(OSError):
             os.close(os.open(job.input, os.O_RDONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
     assert "Traceback" not in run.stderr
     assert code in (0, 1), run.stderr
 
@@ -397,7 +395,7 @@ def test_input_id_with_a_lone_surrogate_is_an_input_error_not_an_internal_one(
     the id to SQLite, which cannot encode it: "internal error: UnicodeEncodeError ... a bug
     in batchgpt", exit 70, on every run — one odd line makes the whole job unrunnable
     without naming the line."""
-    path = job.write(rows(3) + ['{"id": "x\\ud800y", "text": "odd id here."}'])
+    path = job.write([*rows(3), '{"id": "x\\ud800y", "text": "odd id here."}'])
     result = cli("run", path)
     assert "internal error" not in result.output, result.output
     assert not crash_files(job)
@@ -417,7 +415,7 @@ def test_compaction_that_cannot_write_its_file_is_a_warning_not_an_internal_erro
     On a full disk it is worse: the partial .compact file is left eating the space, and
     the next runs die with "internal error" in JobLock.acquire (its pid write), before
     open() could remove it."""
-    path = job.write(rows(10), prompt="Summarize: {text}")
+    job.write(rows(10), prompt="Summarize: {text}")
     first = Cli(job)
     assert first.wait() == 0, first.stderr
     (job.output.parent / "job.jsonl.compact").symlink_to(job.dir / "no" / "such" / "dir")
