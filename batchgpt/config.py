@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -193,10 +194,17 @@ class JobConfig(_Strict):
                 raise SettingError(f"params.{key} is not allowed: {why}", at=(key,))
         return {key: _json_value(value, (key,)) for key, value in params.items()}
 
+    # The job file it was loaded from (None when built in code): which job owns an output.
+    _source: Path | None = PrivateAttr(default=None)
+
     # -- derived -----------------------------------------------------------------------
     @property
     def job_name(self) -> str:
         return self.name or "job"
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @property
     def output_stem(self) -> Path:
@@ -256,10 +264,12 @@ class JobConfig(_Strict):
         except ValidationError as exc:
             raise ConfigError(_explain(exc, path, lines)) from None
         base = path.resolve().parent
-        return job.model_copy(update={
+        job = job.model_copy(update={
             "input": Path(os.path.normpath(base / job.input)),
             "output": Path(os.path.normpath(base / job.output)),
         })
+        job._source = path.resolve()
+        return job
 
     @classmethod
     def json_schema(cls) -> str:

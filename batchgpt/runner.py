@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso
+from batchgpt.store.output_log import line_id
+from batchgpt.store.writer import IndexFailed
 from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
 from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
 
@@ -367,15 +368,23 @@ class _Run:
                         "(%s); they are counted as 0 (logged once a run)", row.custom_id,
                         ", ".join(dropped))
         line = encode_line({
-            "id": f"batch_req_{uuid.uuid4().hex}",
+            "id": line_id(row.custom_id, row.request_hash),
             "custom_id": row.custom_id,
             "response": {"status_code": 200, "request_id": success.request_id, "body": body},
             "error": None,
         })
         writer = self.store.writer
         assert writer is not None
-        await writer.put_result(row.custom_id, row.request_hash, line, attempts, model, usage)
+        try:
+            await writer.put_result(row.custom_id, row.request_hash, line, attempts, model,
+                                    usage)
+        except IndexFailed:
+            self._count_success(model, usage)  # in the output, kept, taken over next run
+            raise
         self.limiter.record_success()
+        self._count_success(model, usage)
+
+    def _count_success(self, model: str, usage: Usage) -> None:
         self.stats.succeeded += 1
         self.stats.add_usage(model, usage)
         cost = cost_usd(usage, resolve_price(model, self.job.pricing))
@@ -388,7 +397,7 @@ class _Run:
             response = {"status_code": failure.status, "request_id": failure.request_id,
                         "body": failure.body}
         line = encode_line({
-            "id": f"batch_req_{uuid.uuid4().hex}",
+            "id": line_id(row.custom_id, row.request_hash),
             "custom_id": row.custom_id,
             "response": response,
             "error": {

@@ -308,7 +308,7 @@ def test_two_jobs_writing_one_output_are_refused(job: JobFiles, sim: Simulator,
     result = cli("run", other)
     assert result.exit_code == 1
     assert "holds the results of job 'job'" in result.output
-    assert "set `name: job`" in result.output
+    assert "two jobs must not share an output" in result.output
     assert sim.stats.requests == 0
 
 

@@ -16,7 +16,14 @@ from batchgpt.errors import StateError
 from batchgpt.pricing import Usage
 from batchgpt.store import Store
 from batchgpt.store.index import Index, NewFailure, NewResult
-from batchgpt.store.output_log import OutputChanged, OutputLog, encode_line, line_is_result_of
+from batchgpt.store.output_log import (
+    OutputChanged,
+    OutputLog,
+    answer_tag,
+    encode_line,
+    line_is_result_of,
+    tag_of,
+)
 from batchgpt.store.recover import recover
 
 
@@ -129,14 +136,32 @@ def test_replaced_results_stay_in_what_was_paid(tmp_path: Path) -> None:
     assert index.meta_int("dead_lines") == 1
 
 
-def test_a_taken_over_result_is_adopted_by_its_rows_request(tmp_path: Path) -> None:
+def test_a_taken_over_result_is_adopted_only_by_the_request_its_tag_names(
+    tmp_path: Path
+) -> None:
     index = Index.open(tmp_path / "i.sqlite")
-    index.commit([NewResult("a", None, 0, 10, 1, "m", Usage())], [], None)
-    assert index.unsettled([("a", "h-now")]) == {}  # done: no hash to disagree with
-    assert index.unadopted(["a", "b"]) == ["a"]
-    index.adopt([("a", "h-now")])
-    assert index.unsettled([("a", "h-now")]) == {}
+    index.commit([
+        NewResult("a", None, 0, 10, 1, "m", Usage(), tag=answer_tag("a", "h-now")),
+        NewResult("b", None, 10, 10, 1, "m", Usage(), tag=answer_tag("b", "h-before")),
+        NewResult("c", None, 20, 10, 1, "m", Usage(), tag=None),  # an older output's line
+    ], [], None)
+    assert index.unsettled([("a", "h-now")]) == {}  # not yet checked: left out
+    assert index.unadopted_count() == 3
+    index.adopt([("a", "h-now"), ("b", "h-now"), ("c", "h-now")])
+    assert index.unadopted_count() == 0
+    assert index.unsettled([("a", "h-now"), ("c", "h-now")]) == {}  # their answers
+    changed = index.unsettled([("b", "h-now")])["b"]  # an answer to another request
+    assert changed.has_result and changed.result_hash != "h-now"
     assert index.unsettled([("a", "h-later")])["a"].result_hash == "h-now"  # a change
+
+
+def test_an_answer_tag_is_never_a_uuid4() -> None:
+    import uuid
+
+    tag = answer_tag("row-1", "0" * 32)
+    assert len(tag) == 32 and tag_of(f"batch_req_{tag}") == tag
+    assert tag_of(f"batch_req_{uuid.uuid4().hex}") is None
+    assert tag_of("batch_req_wnaDys8zPPoSiJQqHm6Z8Skn") is None  # the Batch API's own
 
 
 def test_a_schema_1_checkpoint_is_migrated(tmp_path: Path) -> None:

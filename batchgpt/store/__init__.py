@@ -51,7 +51,9 @@ class Store:
 
     def __init__(self, job: JobConfig) -> None:
         self.job = job
-        self.out = OutputLog(Path(job.output))
+        # Through a symlinked output to the file it names: appends follow the link anyway,
+        # and a compaction must replace that file, not the link.
+        self.out = OutputLog(Path(os.path.realpath(job.output)))
         self.failures_path = job.failures_path
         self.state_dir = job.state_dir
         self.db_path = self.state_dir / "rows.sqlite"
@@ -95,8 +97,8 @@ class Store:
                                     index_was_lost=why is not None)
             for message in self.recovery.messages(self.out.path, dry=False):
                 log.warning("%s", message)
-            if index.meta_int("dead_lines"):
-                self._compact()
+            if index.meta_int("dead_lines") and not index.spare_count():
+                self._compact()  # (with spares, after the plan has picked among them)
             self._check_writable()
         except OSError as exc:
             self.close()
@@ -128,27 +130,38 @@ class Store:
         self._check_owner(write=False)
         if lost and not self.out.exists() and not self.failures_path.exists():
             return
-        if not lost and trusted(self.out, index):
+        if not lost and trusted(self.out, index) and not index.unadopted_count():
             return
-        if index.path is not None:
+        if index.path is not None:  # the plan will record, in a copy, what it adopts
             index = index.copy_to_memory()
             self._index = index
         self.recovery = recover(self.out, index, self.failures_path, dry=True,
                                 index_was_lost=lost)
 
     def _check_owner(self, *, write: bool) -> None:
-        """One output, one job: a second job file writing the same output would mix its
-        rows into the first one's results."""
+        """One output, one job: a second job writing the same output would treat the
+        first one's rows as its own changed rows, send them again and compact the other's
+        paid results away. A job is its name and, when loaded from a file, that file."""
         owner = self.index.meta("job")
-        name = self.job.job_name
-        if owner is not None and owner != name:
+        owner_file = self.index.meta("job_file")
+        name, source = self.job.job_name, self.job.source
+        other = owner is not None and owner != name
+        if not other and owner_file is not None and source is not None:
+            other = owner_file != str(source)
+        if other:
+            what = f"job '{owner}'" + (f" ({owner_file})" if owner_file else "")
             raise StateError(
-                f"{self.out.path} holds the results of job '{owner}', and this job is "
-                f"'{name}': two jobs must not share an output. Give this job its own "
-                f"`output:`, or, if it is the same job renamed, set `name: {owner}`"
+                f"{self.out.path} holds the results of {what}, and this is job '{name}'"
+                + (f" ({source})" if source else "") + ": two jobs must not share an "
+                "output. Give this job its own `output:`. If it is the same job, renamed or "
+                f"moved, remove {self.state_dir} (an index, rebuilt from the output: "
+                "nothing is lost or sent again)"
             )
-        if owner is None and write:
-            self.index.set_meta(job=name)
+        if write:
+            if owner is None:
+                self.index.set_meta(job=name)
+            if owner_file is None and source is not None:
+                self.index.set_meta(job_file=str(source))
 
     def _check_writable(self) -> None:
         """Fail before anything is sent when results could not be written: a paid answer
@@ -192,26 +205,27 @@ class Store:
     _unadopted: set[str] | None = None
 
     def adopt(self, rows: Sequence[tuple[str, str]]) -> None:
-        """Taken-over results among ``rows`` become the results of these requests."""
+        """Results and failures taken over among ``rows`` meet these rows' requests (see
+        ``Index.adopt``)."""
         if self._unadopted is not None:
-            ids = [cid for cid, _ in rows if cid in self._unadopted]
-        else:
-            ids = self.index.unadopted([cid for cid, _ in rows])
-        if ids:
-            hashes = dict(rows)
-            self.index.adopt((cid, hashes[cid]) for cid in ids)
+            rows = [(cid, h) for cid, h in rows if cid in self._unadopted]
+        if rows:
+            self.index.adopt(rows)
 
     # -- --fresh --------------------------------------------------------------------------
     def previous_files(self) -> list[tuple[Path, Path]]:
         """(file, where --fresh would move it) for the output, failures and summary."""
-        ts = stamp()
         stem = self.job.output_stem
-        out = []
-        for path in (self.out.path, self.failures_path, self.job.summary_path):
-            if path.exists():
-                rest = path.name[len(stem.name):]
-                out.append((path, path.with_name(f"{stem.name}.previous-{ts}{rest}")))
-        return out
+        files = [p for p in (Path(self.job.output), self.failures_path, self.job.summary_path)
+                 if os.path.lexists(p)]
+        ts, n = stamp(), 1
+        while True:  # a name no earlier --fresh used (two in one second, say)
+            tag = ts if n == 1 else f"{ts}.{n}"
+            out = [(p, p.with_name(f"{stem.name}.previous-{tag}{p.name[len(stem.name):]}"))
+                   for p in files]
+            if not any(os.path.lexists(dst) for _, dst in out):
+                return out
+            n += 1
 
     def set_aside_previous(self) -> list[tuple[Path, Path]]:
         """--fresh: move the previous output, failures and summary aside (never delete a
@@ -249,7 +263,7 @@ class Store:
         what the index says), rewrite the failures file. Problems are logged, never
         raised: the results are safe in the output whatever happens here."""
         healthy = self.writer is None or self.writer.healthy
-        if healthy and self.index.meta_int("dead_lines"):
+        if healthy and self.index.meta_int("dead_lines") and not self.index.spare_count():
             fp = self.out.fingerprint()
             if fp is not None and fp.size == self.out.size:
                 self._compact()
@@ -268,6 +282,12 @@ class Store:
         except OutputChanged as exc:
             log.warning("not compacting: %s; the next run checks the whole output", exc)
             index.set_meta(fingerprint=None, output_crc=None)
+            return
+        except OSError as exc:  # a full disk: the compaction needs a second copy
+            log.warning("not compacting %s (%s: %s): it keeps %d superseded lines, and the "
+                        "next run tries again; every result is safe", self.out.path,
+                        exc.filename or self.out.compact_path, exc.strerror,
+                        index.meta_int("dead_lines"))
             return
         index.move_offsets(moved, output_size=size, output_crc=crc, dead_lines=0,
                            compacting=1, fingerprint=None)

@@ -8,11 +8,16 @@ was produced for, failures, attempts, and what was paid for results later replac
 
 Tables::
 
-    results   custom_id → request hash (NULL: taken over from the output), where its line
-              is in the output (offset, length), attempts, model, token usage
+    results   custom_id → request hash (NULL: taken over from the output, and checked
+              against the row's request by its line's answer tag at the next plan; "~…":
+              the line answers some other request), where its line is in the output
+              (offset, length), attempts, model, token usage
     failures  custom_id → request hash, retryable or not, error code, attempts, the
               failures-file line. A row may have both: an older result kept in the
               output while its changed request failed (a failure never replaces a result)
+    spare     after a rebuild: the other answers an id's lines hold (tagged for another
+              request than its live line), kept until the next plan knows the row's
+              request and picks the one that answers it
     spend     per model: usage of every result ever committed, replaced ones included
     meta      schema version, the job's name, the committed output size, its CRC-32, its
               stat fingerprint, how many results were replaced
@@ -34,6 +39,7 @@ from typing import Any
 
 from batchgpt.errors import StateError
 from batchgpt.pricing import Usage
+from batchgpt.store.output_log import answer_tag
 
 SCHEMA_VERSION = "2"
 LOOKUP_BATCH = 500
@@ -51,7 +57,8 @@ CREATE TABLE IF NOT EXISTS results (
     cached_tokens INTEGER NOT NULL DEFAULT 0,
     reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     run_id INTEGER,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    tag TEXT                          -- the line's answer tag, kept while req_hash is NULL
 );
 CREATE TABLE IF NOT EXISTS failures (
     custom_id TEXT PRIMARY KEY,
@@ -61,7 +68,20 @@ CREATE TABLE IF NOT EXISTS failures (
     attempts INTEGER NOT NULL,
     line BLOB NOT NULL,
     run_id INTEGER,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    tag TEXT
+);
+CREATE TABLE IF NOT EXISTS spare (
+    custom_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL,
+    model TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (custom_id, tag)
 );
 CREATE TABLE IF NOT EXISTS spend (
     model TEXT PRIMARY KEY,
@@ -121,6 +141,7 @@ class NewResult:
     attempts: int
     model: str | None
     usage: Usage
+    tag: str | None = None  # with req_hash None: the line's answer tag
 
 
 @dataclass(slots=True)
@@ -131,6 +152,7 @@ class NewFailure:
     error_code: str
     attempts: int
     line: bytes
+    tag: str | None = None
 
 
 @dataclass
@@ -159,6 +181,7 @@ class Index:
     def __init__(self, db: sqlite3.Connection, path: Path | None) -> None:
         self.db = db
         self.path = path
+        db.create_function("answer_tag", 2, answer_tag, deterministic=True)
         self._depth = 0
         self._tmp: tempfile.TemporaryDirectory[str] | None = None  # a read-only snapshot
 
@@ -282,11 +305,11 @@ class Index:
         db.execute(
             "INSERT OR REPLACE INTO results SELECT custom_id, req_hash, off, len, attempts, "
             "model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, run_id, "
-            "updated_at FROM rows WHERE status = 1 AND off IS NOT NULL"
+            "updated_at, NULL FROM rows WHERE status = 1 AND off IS NOT NULL"
         )
         db.execute(
             "INSERT OR REPLACE INTO failures SELECT custom_id, req_hash, transient, error_code, "
-            "attempts, COALESCE(line, X''), run_id, updated_at FROM rows WHERE status = 2"
+            "attempts, COALESCE(line, X''), run_id, updated_at, NULL FROM rows WHERE status = 2"
         )
         db.execute(
             "INSERT OR REPLACE INTO spend SELECT COALESCE(model, ''), COUNT(*), "
@@ -347,31 +370,83 @@ class Index:
                 )
         return out
 
-    def unadopted(self, ids: Sequence[str]) -> list[str]:
-        """Of ``ids``, those whose result was taken over and has no request hash yet."""
+    def unadopted_count(self) -> int:
+        return sum(int(self.db.execute(f"SELECT COUNT(*) FROM {t} WHERE req_hash IS NULL"
+                                       ).fetchone()[0]) for t in ("results", "failures"))
+
+    def all_unadopted(self) -> set[str]:
+        return {cid for t in ("results", "failures") for (cid,) in self.db.execute(
+            f"SELECT custom_id FROM {t} WHERE req_hash IS NULL")}
+
+    def answered(self, lines: Sequence[tuple[str, NewResult]]) -> list[str]:
+        """Of these taken-over lines, the ids whose line is tagged for the very request
+        the index already holds an answer for: copies of a recorded answer."""
         out: list[str] = []
+        tags = {cid: r.tag for cid, r in lines if r.tag is not None}
+        ids = list(tags)
         for i in range(0, len(ids), LOOKUP_BATCH):
             chunk = ids[i : i + LOOKUP_BATCH]
             marks = ",".join("?" * len(chunk))
-            out.extend(cid for (cid,) in self.db.execute(
-                f"SELECT custom_id FROM results WHERE req_hash IS NULL AND custom_id IN "
-                f"({marks})", chunk))
+            for cid, tag in self.db.execute(
+                f"SELECT custom_id, answer_tag(custom_id, req_hash) FROM results "
+                f"WHERE req_hash IS NOT NULL AND custom_id IN ({marks})", chunk):
+                if tags[cid] == tag:
+                    out.append(cid)
         return out
 
-    def adopt(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Record the request a taken-over result now answers for (its row's request at
-        the first plan after the takeover), so later changes are noticed."""
+    def adopt(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Results and failures taken over from the files (no request hash) meet their
+        row's current request. A result line tagged for this request — or with no tag
+        (older outputs) — becomes its answer; else a spare line tagged for it does (the
+        answer a killed run wrote but never recorded, found by a rebuild beside an older
+        one); else the result is marked "~<tag>", which no request hash equals, so the
+        row counts as changed. A failure is adopted the same way (no spares)."""
         with self.transaction() as db:
-            db.executemany("UPDATE results SET req_hash = ? WHERE custom_id = ? AND "
-                           "req_hash IS NULL", [(h, cid) for cid, h in pairs])
+            dead = 0
+            by_id = dict(pairs)
+            ids = list(by_id)
+            for i in range(0, len(ids), LOOKUP_BATCH):
+                chunk = ids[i : i + LOOKUP_BATCH]
+                marks = ",".join("?" * len(chunk))
+                spares: dict[str, dict[str, tuple[Any, ...]]] = {}
+                for cid, tag, *rest in db.execute(
+                        f"SELECT custom_id, tag, off, len, model, prompt_tokens, "
+                        f"completion_tokens, cached_tokens, reasoning_tokens FROM spare "
+                        f"WHERE custom_id IN ({marks})", chunk):
+                    spares.setdefault(cid, {})[tag] = tuple(rest)
+                unadopted = db.execute(f"SELECT custom_id, tag FROM results WHERE req_hash "
+                                       f"IS NULL AND custom_id IN ({marks})", chunk).fetchall()
+                for cid, tag in unadopted:
+                    h = by_id[cid]
+                    want = answer_tag(cid, h)
+                    spare = spares.get(cid, {}).get(want)
+                    if tag is None or tag == want:
+                        db.execute("UPDATE results SET req_hash = ?, tag = NULL "
+                                   "WHERE custom_id = ?", (h, cid))
+                    elif spare is not None:
+                        off, length, model, p, c, cached, reasoning = spare
+                        db.execute(
+                            "UPDATE results SET req_hash = ?, tag = NULL, off = ?, len = ?, "
+                            "model = ?, prompt_tokens = ?, completion_tokens = ?, "
+                            "cached_tokens = ?, reasoning_tokens = ? WHERE custom_id = ?",
+                            (h, off, length, model, p, c, cached, reasoning, cid))
+                        dead += 1  # the line it was pointing at
+                    else:
+                        db.execute("UPDATE results SET req_hash = '~' || tag, tag = NULL "
+                                   "WHERE custom_id = ?", (cid,))
+                    n = len(spares.get(cid, {}))
+                    dead += n - (spare is not None)
+                db.execute(f"DELETE FROM spare WHERE custom_id IN ({marks})", chunk)
+                db.executemany(
+                    "UPDATE failures SET req_hash = CASE WHEN tag IS NULL OR tag = "
+                    "answer_tag(custom_id, ?) THEN ? ELSE '~' || tag END, tag = NULL "
+                    "WHERE custom_id = ? AND req_hash IS NULL",
+                    [(by_id[c], by_id[c], c) for c in chunk])
+            if dead:
+                self.set_meta(dead_lines=self.meta_int("dead_lines") + dead)
 
-    def unadopted_count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM results WHERE req_hash IS NULL"
-                                   ).fetchone()[0])
-
-    def all_unadopted(self) -> set[str]:
-        return {cid for (cid,) in self.db.execute(
-            "SELECT custom_id FROM results WHERE req_hash IS NULL")}
+    def spare_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM spare").fetchone()[0])
 
     # -- writing --------------------------------------------------------------------------
     def commit(self, results: list[NewResult], failures: list[NewFailure], run_id: int | None,
@@ -386,18 +461,18 @@ class Index:
                 ids = [r.custom_id for r in results]
                 replaced = self._count_existing(ids)
                 db.executemany(
-                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [(r.custom_id, r.req_hash, r.off, r.len, r.attempts, clean_text(r.model),
                       r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_tokens,
-                      r.usage.reasoning_tokens, run_id, now) for r in results],
+                      r.usage.reasoning_tokens, run_id, now, r.tag) for r in results],
                 )
                 db.executemany("DELETE FROM failures WHERE custom_id = ?", [(i,) for i in ids])
                 self._add_spend(results)
             if failures:
                 db.executemany(
-                    "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?,?)",
                     [(f.custom_id, f.req_hash, int(f.transient), clean_text(f.error_code),
-                      f.attempts, f.line, run_id, now) for f in failures],
+                      f.attempts, f.line, run_id, now, f.tag) for f in failures],
                 )
             if replaced:
                 meta["dead_lines"] = self.meta_int("dead_lines") + replaced
@@ -437,6 +512,7 @@ class Index:
         with self.transaction() as db:
             db.execute("DELETE FROM results")
             db.execute("DELETE FROM failures")
+            db.execute("DELETE FROM spare")
             db.execute("DELETE FROM spend")
             self.set_meta(output_size=0, output_crc=0, fingerprint=None, dead_lines=0,
                           replaced=0)

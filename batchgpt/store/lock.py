@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from batchgpt.errors import LockedError
+from batchgpt.errors import LockedError, StateError
 
 
 def now_iso() -> str:
@@ -25,7 +25,10 @@ class JobLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot use the job's lock {self.path}: {exc.strerror}") from None
         # `holder` (batchgpt status) takes a shared lock for an instant to look: a run
         # starting in that instant must not be turned away with exit 75 ("unknown"
         # holder), so try again for up to ~0.1 s before deciding the lock is held.
@@ -42,9 +45,10 @@ class JobLock:
             raise LockedError(
                 f"another batchgpt run holds this job's lock ({self.path}): {holder or 'unknown'}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}, started {now_iso()}\n".encode())
         self._fd = fd
+        with contextlib.suppress(OSError):  # who holds it is for `status`; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}, started {now_iso()}\n".encode())
 
     def release(self) -> None:
         if self._fd is not None:
@@ -59,12 +63,20 @@ class JobLock:
         path = state_dir / "lock"
         if not path.exists():
             return None
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return "unknown (the lock file can't be read)"
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                try:
+                    return os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                except OSError:
+                    return "unknown"
+            except OSError:
+                return "unknown (the lock file can't be locked)"
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:

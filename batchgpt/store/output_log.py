@@ -17,6 +17,7 @@ written (see :mod:`batchgpt.store.recover`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import zlib
@@ -226,28 +227,31 @@ class OutputLog:
         that is not what the index says."""
         self.close()
         tmp = self.compact_path
+        discard_file(tmp)  # a stale one (or a link planted there) is never written through
         moved: list[tuple[int, str]] = []
         pos = 0
         crc = 0
-        with self.path.open("rb") as src, tmp.open("wb") as dst:
-            for custom_id, offset, length in ranges:
-                src.seek(offset)
-                line = src.read(length)
-                if not line_is_result_of(line, custom_id):
-                    dst.close()
-                    tmp.unlink(missing_ok=True)
-                    raise OutputChanged(
-                        f"{self.path}: the line at byte {offset} is not the result of "
-                        f"{custom_id!r} the checkpoint records there; the file was changed "
-                        "outside batchgpt"
-                    )
-                dst.write(line)
-                crc = zlib.crc32(line, crc)
-                if offset != pos:
-                    moved.append((pos, custom_id))
-                pos += length
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:
+            with self.path.open("rb") as src, tmp.open("xb") as dst:
+                for custom_id, offset, length in ranges:
+                    src.seek(offset)
+                    line = src.read(length)
+                    if not line_is_result_of(line, custom_id):
+                        raise OutputChanged(
+                            f"{self.path}: the line at byte {offset} is not the result of "
+                            f"{custom_id!r} the checkpoint records there; the file was "
+                            "changed outside batchgpt"
+                        )
+                    dst.write(line)
+                    crc = zlib.crc32(line, crc)
+                    if offset != pos:
+                        moved.append((pos, custom_id))
+                    pos += length
+                dst.flush()
+                os.fsync(dst.fileno())
+        except BaseException:
+            discard_file(tmp)  # a partial copy must not eat a full disk's last space
+            raise
         return moved, pos, crc
 
     def swap_in_compacted(self) -> Fingerprint:
@@ -273,11 +277,57 @@ def line_is_result_of(line: bytes, custom_id: str) -> bool:
     return parsed is not None and parsed.custom_id == custom_id
 
 
+# -- the receipt in each line's id ----------------------------------------------------------
+
+TAG_MARK = "b"  # the 13th hex digit of a tag; a uuid4's is always "4"
+
+
+def answer_tag(custom_id: str, request_hash: str) -> str:
+    """The 32 hex digits of a line's ``id`` (``batch_req_<tag>``): a digest of the row's id
+    and the hash of the exact request the line answers.
+
+    The output is the durable record, but a line alone does not say which request it
+    answered, and the index that does can be lost, restored from an old backup, or
+    outlived by an output restored from one. With the tag, a line proves it: a rebuild
+    keeps a line as the answer to the current request only when its tag is that
+    request's tag, so yesterday's answers to a changed prompt are never taken for today's
+    (and today's are never sent again because an old index said otherwise). The 13th
+    digit is fixed, so a tag is never mistaken for the random uuid4 ids of older outputs
+    (those lines are adopted as before)."""
+    digest = hashlib.sha256(f"{custom_id}\x00{request_hash}".encode("utf-8", "surrogatepass")
+                            ).hexdigest()
+    return digest[:12] + TAG_MARK + digest[13:32]
+
+
+def line_id(custom_id: str, request_hash: str) -> str:
+    return f"batch_req_{answer_tag(custom_id, request_hash)}"
+
+
+def tag_of(line_id_value: object) -> str | None:
+    """The tag in a line's ``id``, or None when the id is not one of ours (a uuid4 from an
+    older batchgpt, the Batch API's own ids, a hand edit)."""
+    if not isinstance(line_id_value, str) or not line_id_value.startswith("batch_req_"):
+        return None
+    tag = line_id_value[10:]
+    if len(tag) != 32 or tag[12] != TAG_MARK or not _is_hex(tag):
+        return None
+    return tag
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return text == text.lower()
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedLine:
     custom_id: str
     model: str | None
     usage: Any  # the response body's `usage`, as sent
+    tag: str | None  # the answer tag in its id, when it has one
 
 
 def parse_result_line(line: bytes) -> ParsedLine | None:
@@ -298,7 +348,15 @@ def parse_result_line(line: bytes) -> ParsedLine | None:
     if response.get("status_code") != 200 or not isinstance(body, dict):
         return None
     model = body.get("model")
-    return ParsedLine(custom_id, model if isinstance(model, str) else None, body.get("usage"))
+    return ParsedLine(custom_id, model if isinstance(model, str) else None, body.get("usage"),
+                      tag_of(obj.get("id")))
+
+
+def discard_file(path: Path) -> None:
+    """Remove ``path`` if it is there, whatever it is (a dangling link included)."""
+    if os.path.lexists(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 import zlib
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from batchgpt.pricing import Usage
 from batchgpt.store.index import SPEND_INSERT, SPEND_UPSERT, Index, NewFailure, NewResult
-from batchgpt.store.output_log import OutputLog, parse_result_line
+from batchgpt.store.output_log import OutputLog, discard_file, parse_result_line, tag_of
 
 log = logging.getLogger("batchgpt")
 
@@ -111,7 +112,7 @@ def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
             and out.checksum(committed) == int(crc_text)):
         _take_over_tail(out, index, committed, int(crc_text), report, dry)
     else:
-        _rebuild(out, index, report, dry)
+        _rebuild(out, index, report, dry, index_was_lost)
         if index_was_lost:
             _take_over_failures(index, failures_path, report)
     return report
@@ -121,57 +122,95 @@ def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
 
 def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: Report,
                     dry: bool) -> None:
+    """A tail line is a newer answer than the index's for its id (the writer only ever
+    appends) — unless its tag says it answers the very request the index already has an
+    answer for: then it is a copy (`tail -1 out >> out`), dead, and not paid twice."""
     scan = _Scan(out, start, crc)
-    duplicates = 0  # an id twice in the tail: the later line wins, the earlier is dead
+    dead = 0
     with index.transaction():
         batch: dict[str, NewResult] = {}
-        for cid, off, length, model, p, c, cached, reasoning in scan.results():
+
+        def commit() -> int:
+            copies = index.answered(list(batch.items()))
+            for cid in copies:
+                del batch[cid]
+            index.commit(list(batch.values()), [], None)  # counts what it replaces
+            return len(copies)
+
+        for cid, off, length, model, p, c, cached, reasoning, tag in scan.results():
             if cid in batch:
-                duplicates += 1
+                dead += 1  # an id twice in the tail: the later line wins
             batch[cid] = NewResult(cid, None, off, length, 1, model, Usage.model_construct(
                 prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                cached_tokens=cached, reasoning_tokens=reasoning))
+                cached_tokens=cached, reasoning_tokens=reasoning), tag)
             if len(batch) >= CHUNK:
-                index.commit(list(batch.values()), [], None)  # counts what it replaces
+                dead += commit()
                 batch = {}
         if batch:
-            index.commit(list(batch.values()), [], None)
-        report.taken_over = scan.good - duplicates
-        _settle_file(out, index, scan, report, dry, extra_dead=duplicates)
+            dead += commit()
+        report.taken_over = scan.good - dead
+        _settle_file(out, index, scan, report, dry, extra_dead=dead)
 
 
 # -- tier 3 ---------------------------------------------------------------------------------
 
-def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
+def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool,
+             index_was_lost: bool) -> None:
     """Everything in SQL over a temporary table of the output's lines, so memory stays
     flat whatever the output's size."""
     report.rebuilt = True
     scan = _Scan(out, 0, 0)
-    insert = ("INSERT INTO scan (custom_id, off, len, model, p, c, cached, reasoning) "
-              "VALUES (?,?,?,?,?,?,?,?)")
+    insert = ("INSERT INTO scan (custom_id, off, len, model, p, c, cached, reasoning, tag) "
+              "VALUES (?,?,?,?,?,?,?,?,?)")
     with index.transaction() as db:
         db.execute("DROP TABLE IF EXISTS temp.scan")
         db.execute("CREATE TEMP TABLE scan (seq INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
                    "off INTEGER, len INTEGER, model TEXT, p INTEGER, c INTEGER, cached INTEGER, "
-                   "reasoning INTEGER)")
+                   "reasoning INTEGER, tag TEXT)")
         rows = scan.results()
         while chunk := list(itertools.islice(rows, CHUNK)):
             db.executemany(insert, chunk)
         db.execute("CREATE INDEX temp.scan_id ON scan (custom_id, seq)")
-        # The live line of each id: the one the index points at when it is still there
-        # unchanged in place, else the id's last line.
+        # The live line of each id, in order of preference: the line the index points at,
+        # still in place and (if tagged) tagged for the index's request; the last line
+        # tagged for the index's request; the id's last line.
         db.execute("DROP TABLE IF EXISTS temp.live")
         db.execute(
             "CREATE TEMP TABLE live AS SELECT s.* FROM scan s WHERE s.seq = COALESCE("
             "(SELECT s2.seq FROM scan s2 JOIN results r ON r.custom_id = s2.custom_id "
-            " AND r.off = s2.off AND r.len = s2.len WHERE s2.custom_id = s.custom_id), "
-            "(SELECT MAX(s3.seq) FROM scan s3 WHERE s3.custom_id = s.custom_id))"
+            " AND r.off = s2.off AND r.len = s2.len WHERE s2.custom_id = s.custom_id "
+            " AND (s2.tag IS NULL OR r.req_hash IS NULL "
+            "      OR s2.tag = answer_tag(r.custom_id, r.req_hash))), "
+            "(SELECT MAX(s3.seq) FROM scan s3 JOIN results r ON r.custom_id = s3.custom_id "
+            " WHERE s3.custom_id = s.custom_id AND r.req_hash IS NOT NULL "
+            " AND s3.tag = answer_tag(r.custom_id, r.req_hash)), "
+            "(SELECT MAX(s4.seq) FROM scan s4 WHERE s4.custom_id = s.custom_id))"
         )
         db.execute("CREATE UNIQUE INDEX temp.live_id ON live (custom_id)")
+        # Spares: an id's other answers, tagged for another request than its live line's.
+        # Which one answers the row's request only the next plan can tell (a killed run's
+        # unrecorded answer beside an older one, reordered by hand): keep them till then.
+        db.execute("DELETE FROM spare")
+        db.execute(
+            "INSERT OR REPLACE INTO spare SELECT s.custom_id, s.tag, s.off, s.len, s.model, "
+            "s.p, s.c, s.cached, s.reasoning FROM scan s JOIN live l "
+            "ON l.custom_id = s.custom_id WHERE s.seq != l.seq AND s.tag IS NOT NULL "
+            "AND s.tag IS NOT COALESCE(l.tag, '') ORDER BY s.seq")
+        spares = db.execute("SELECT COUNT(*) FROM spare").fetchone()[0]
         report.lost = db.execute(
             "SELECT COUNT(*) FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)"
         ).fetchone()[0]
         db.execute("DELETE FROM results WHERE custom_id NOT IN (SELECT custom_id FROM live)")
+        # A result whose live line is not its recorded line and not tagged for its request
+        # (an older copy, a reordered file), or that has spares: which request it answers
+        # is checked against the row's request at the next plan, by the lines' tags.
+        db.execute("UPDATE results SET req_hash = NULL, tag = (SELECT tag FROM live "
+                   "WHERE live.custom_id = results.custom_id) WHERE EXISTS (SELECT 1 FROM live "
+                   "WHERE live.custom_id = results.custom_id AND (results.req_hash IS NULL "
+                   "OR live.tag IS NOT NULL AND live.tag != answer_tag(results.custom_id, "
+                   "results.req_hash) OR live.tag IS NULL AND (live.off != results.off "
+                   "OR live.len != results.len) OR EXISTS (SELECT 1 FROM spare "
+                   "WHERE spare.custom_id = results.custom_id)))")
         db.execute("UPDATE results SET "
                    "off = (SELECT off FROM live WHERE live.custom_id = results.custom_id), "
                    "len = (SELECT len FROM live WHERE live.custom_id = results.custom_id) "
@@ -182,16 +221,21 @@ def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool) -> None:
                    "(SELECT custom_id FROM results)")
         report.taken_over = db.execute("SELECT COUNT(*) FROM temp.new").fetchone()[0]
         db.execute("INSERT INTO results SELECT custom_id, NULL, off, len, 1, model, p, c, "
-                   "cached, reasoning, NULL, ? FROM temp.new", (time.time(),))
+                   "cached, reasoning, NULL, ?, tag FROM temp.new", (time.time(),))
         db.execute("DELETE FROM failures WHERE custom_id IN (SELECT custom_id FROM temp.new)")
         db.execute(f"{SPEND_INSERT} SELECT COALESCE(model, ''), COUNT(*), SUM(p), SUM(c), "
                    "SUM(cached), SUM(reasoning) FROM temp.new WHERE true "
                    f"GROUP BY COALESCE(model, '') {SPEND_UPSERT}")
+        if index_was_lost:  # every answer in the output was paid for, spares too
+            db.execute(f"{SPEND_INSERT} SELECT COALESCE(model, ''), COUNT(*), "
+                       "SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+                       "SUM(reasoning_tokens) FROM spare WHERE true "
+                       f"GROUP BY COALESCE(model, '') {SPEND_UPSERT}")
         live = db.execute("SELECT COUNT(*) FROM temp.live").fetchone()[0]
         for table in ("new", "live", "scan"):
             db.execute(f"DROP TABLE temp.{table}")
         index.set_meta(dead_lines=0)  # every line of the file is accounted for below
-        _settle_file(out, index, scan, report, dry, extra_dead=scan.good - live)
+        _settle_file(out, index, scan, report, dry, extra_dead=scan.good - live - spares)
 
 
 # -- shared -----------------------------------------------------------------------------------
@@ -211,9 +255,10 @@ class _Scan:
         self.needs_newline = False
         self.end = start  # end of the last whole line kept in the file
 
-    def results(self) -> Iterator[tuple[str, int, int, str | None, int, int, int, int]]:
-        """(custom_id, offset, length, model, prompt, completion, cached, reasoning tokens)
-        of each result line, in file order."""
+    def results(self) -> Iterator[tuple[str, int, int, str | None, int, int, int, int,
+                                        str | None]]:
+        """(custom_id, offset, length, model, prompt, completion, cached, reasoning tokens,
+        answer tag) of each result line, in file order."""
         for off, line in self.out.lines(self.start):
             if not line.endswith(b"\n"):
                 parsed = parse_result_line(line + b"\n")
@@ -235,7 +280,7 @@ class _Scan:
             self.good += 1
             u = Usage.from_response(parsed.usage)
             yield (parsed.custom_id, off, len(line), parsed.model, u.prompt_tokens,
-                   u.completion_tokens, u.cached_tokens, u.reasoning_tokens)
+                   u.completion_tokens, u.cached_tokens, u.reasoning_tokens, parsed.tag)
 
 
 def _settle_file(out: OutputLog, index: Index, scan: _Scan, report: Report, dry: bool,
@@ -287,7 +332,7 @@ def _take_over_failures(index: Index, path: Path, report: Report) -> None:
                 obj["custom_id"], None, bool(err.get("retryable")),
                 str(err.get("code") or "unknown"),
                 attempts if isinstance(attempts, int) and 0 <= attempts < 10**6 else 1,
-                line if line.endswith(b"\n") else line + b"\n"))
+                line if line.endswith(b"\n") else line + b"\n", tag_of(obj.get("id"))))
     if not failures:
         return
     with index.transaction() as db:
@@ -305,11 +350,11 @@ def _finish_compaction(out: OutputLog, index: Index, dry: bool) -> None:
     the output: finish or forget it."""
     tmp = out.compact_path
     if index.meta("compacting"):
-        if tmp.exists() and not dry:
+        if tmp.is_file() and not tmp.is_symlink() and not dry:
             out.swap_in_compacted()
             index.set_meta(compacting=None, fingerprint=None)
-        elif not tmp.exists():
+        elif not os.path.lexists(tmp):
             index.set_meta(compacting=None)
         return
-    if tmp.exists() and not dry:  # written, never committed: the output is untouched
-        tmp.unlink()
+    if not dry:  # written, never committed: the output is untouched
+        discard_file(tmp)
