@@ -29,11 +29,13 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from batchgpt.credentials import base_url_problem, header_value_problem
 from batchgpt.errors import ConfigError
 from batchgpt.files import NotRegularFile, open_regular
+from batchgpt.params import PriceCheck, param_suggestion, price_check
 from batchgpt.pricing import Price
 
 try:  # libyaml's parser where PyYAML was built with it: 20x faster on a big file
@@ -158,6 +160,12 @@ class JobConfig(_Strict):
     prompt: str | None = Field(
         None, description="Template over a record's fields, e.g. 'Summarize:\\n\\n{text}'."
     )
+    id_field: str | None = Field(
+        None, description="The field that holds a record's id, when it is not 'id' (template "
+        "records and chat lines; not with `id`).")
+    id: str | None = Field(
+        None, description="A template over a record's fields that makes its id, e.g. "
+        "'{shop}-{sku}' (template records and chat lines; not with `id_field`).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="ChatCompletion parameters for every row."
     )
@@ -186,16 +194,80 @@ class JobConfig(_Strict):
                 raise SettingError(f"prompt: {exc}") from None
         return value
 
+    @field_validator("id_field")
+    @classmethod
+    def _check_id_field(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise SettingError("id_field is empty: name the field that holds a record's id")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            fields = template_fields(value)
+        except ValueError as exc:
+            raise SettingError(f"id: {exc}") from None
+        if not fields:
+            raise SettingError(
+                f"id: '{_short(value)}' uses no field, so every record would get the same "
+                "id; write a template over the fields that tell records apart, e.g. "
+                "id: \"{shop}-{sku}\" (or id_field: ticket_id for one field)"
+            )
+        return value
+
     @field_validator("params")
     @classmethod
     def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         for key, why in RESERVED_PARAMS.items():
             if key in params:
                 raise SettingError(f"params.{key} is not allowed: {why}", at=(key,))
+        for key in params:
+            suggestion = param_suggestion(str(key))
+            if suggestion is not None:
+                raise SettingError(
+                    f"params.{key} is not a ChatCompletion parameter; did you mean "
+                    f"'{suggestion}'? (a name not close to a known one is sent as written: "
+                    "OpenAI-compatible servers take extra parameters)", at=(str(key),))
         return {key: _json_value(value, (key,)) for key, value in params.items()}
 
-    # The job file it was loaded from (None when built in code): which job owns an output.
-    _source: Path | None = PrivateAttr(default=None)
+    @model_validator(mode="after")
+    def _one_id_rule(self) -> JobConfig:
+        if self.id is not None and self.id_field is not None:
+            raise SettingError(
+                "id and id_field are mutually exclusive: id_field names the one field that "
+                "holds a record's id, id builds it from several; keep one", at=("id",))
+        return self
+
+    # -- where a key is written -------------------------------------------------------------
+    _file: Path | None = PrivateAttr(None)
+    _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
+
+    def where(self, *key: str) -> str:
+        """``jobs/x.yaml:7`` for the line of ``key`` in the job file (``where("params",
+        "max_tokens")``), the file alone when the key isn't written there, and "the job"
+        for a job not loaded from a file."""
+        if self._file is None:
+            return "the job"
+        line = self._lines.get(key)
+        return f"{self._file}:{line}" if line else str(self._file)
+
+    def model_price_check(self, model: str | None = None, where: str | None = None
+                          ) -> PriceCheck | None:
+        """What to say about ``model``'s price (default: the job's ``model``), the one
+        decision (:func:`batchgpt.params.price_check`): a ``fatal`` check is a ConfigError
+        before anything is sent, any other a warning given once. The message starts with
+        the job file's line of ``model`` for the job's model, else with ``where`` (for a
+        model named by input lines: say which, e.g. ``data/in.jsonl:12``)."""
+        model = self.model if model is None else model
+        if model is None:
+            return None
+        if model == self.model:
+            where = self.where("model")
+        return price_check(model, pricing=self.pricing, max_cost_usd=self.limits.max_cost_usd,
+                           where=where or str(self.input))
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -204,7 +276,9 @@ class JobConfig(_Strict):
 
     @property
     def source(self) -> Path | None:
-        return self._source
+        """The job file it was loaded from (None when built in code): which job owns an
+        output."""
+        return None if self._file is None else self._file.resolve()
 
     @property
     def output_stem(self) -> Path:
@@ -245,16 +319,13 @@ class JobConfig(_Strict):
                 loader.dispose()
         except yaml.reader.ReaderError as exc:  # a control character, say
             line = text[: exc.position].count("\n") + 1
-            raise ConfigError(f"{path}:{line}: not valid YAML: character #x{exc.character:x} "
+            column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+            raise ConfigError(f"{path}:{line}:{column}: the character #x{exc.character:x} "
                               "is not allowed in YAML text") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            context = getattr(exc, "context", None)
-            if context and problem.startswith("but "):  # "expected X, but found Y"
-                problem = f"{context}, {problem}"
-            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        except yaml.MarkedYAMLError as exc:
+            raise ConfigError(yaml_problem(exc, text, path)) from None
+        except yaml.YAMLError as exc:  # pragma: no cover - every error above has a mark
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}:1: a job file is a mapping of keys (name, input, ...)")
         lines = _key_lines(node, path)
@@ -268,7 +339,8 @@ class JobConfig(_Strict):
             "input": Path(os.path.normpath(base / job.input)),
             "output": Path(os.path.normpath(base / job.output)),
         })
-        job._source = path.resolve()
+        job._file = path
+        job._lines = lines
         return job
 
     @classmethod
@@ -293,16 +365,24 @@ def template_parts(template: str) -> list[tuple[str, str | None]]:
             shown = f"{{{_short(field)}{'!' + _short(conversion) if conversion else ''}" + (
                 f":{_short(spec)}}}" if spec else "}"
             )
+            if not field.isidentifier() and field.strip().isidentifier() and not (
+                spec or conversion
+            ):
+                raise ValueError(f"'{shown}': write the field name without spaces: "
+                                 f"{{{_short(field.strip())}}}")
+            if not field.isidentifier():
+                whole = f"{{{field}{'!' + conversion if conversion else ''}" + (
+                    f":{spec}}}" if spec else "}")
+                raise ValueError(
+                    f"'{shown}' is not a field name: a template puts a record's field where "
+                    "it says {name}, and {{ and }} stand for literal braces; to send these "
+                    f"braces as written, double them: {_short(_doubled(whole), 60)}"
+                )
             if spec or conversion:
                 raise ValueError(
                     f"'{shown}': format specs and conversions are not supported; a template "
                     "is field substitution only ({name} for a record's field), and {{ and }} "
                     "give literal braces"
-                )
-            if not field.isidentifier():
-                raise ValueError(
-                    f"'{shown}' is not a field name; use {{name}} for a record's field, and "
-                    "{{ and }} for literal braces"
                 )
             parts.append((literal, field))
     except ValueError as exc:
@@ -318,6 +398,10 @@ def template_fields(template: str) -> list[str]:
     """Field names a prompt template uses; raises ValueError on a malformed template
     (see :func:`template_parts`)."""
     return [field for _, field in template_parts(template) if field is not None]
+
+
+def _doubled(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -393,6 +477,102 @@ def _check_events(text: str, path: Path) -> None:
                                   "deep; a job file is a few keys")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
+
+
+# What YAML counts as a line break, for finding a mark's line in the text.
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
+def yaml_problem(exc: yaml.MarkedYAMLError, text: str, path: Path) -> str:
+    """A YAML syntax error as ``path:LINE:COLUMN: what is wrong``, in plain words for the
+    usual slips (a tab, an unclosed quote or bracket, bad indentation, a ': ' inside a
+    value, text after a closing quote) instead of the parser's "while scanning ... found
+    character '\\t' that cannot start any token". Anything else keeps the parser's words
+    after "not valid YAML". Written for both libyaml's and PyYAML's messages."""
+    lines = _LINE_BREAK.split(text)
+    problem = (exc.problem or "").strip()
+    context = (exc.context or "").strip()
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return f"{path}: not valid YAML: {problem or context}"
+    if isinstance(exc, yaml.constructor.ConstructorError):  # a value, not the syntax
+        return f"{path}:{mark.line + 1}: not valid YAML: {problem or context}"
+
+    def line_of(m: yaml.Mark) -> str:
+        return lines[m.line] if m.line < len(lines) else ""
+
+    def char_at(m: yaml.Mark) -> str:
+        line = line_of(m)
+        return line[m.column] if 0 <= m.column < len(line) else ""
+
+    def at(m: yaml.Mark, column: int | None = None) -> str:
+        return f"{path}:{m.line + 1}:{(m.column if column is None else column) + 1}"
+
+    start = exc.context_mark
+    if char_at(mark) == "\t":
+        return f"{at(mark)}: a tab character; YAML indents with spaces"
+    if "cannot start any token" in problem:
+        char = char_at(mark)
+        return (f"{at(mark)}: a value can't start with '{char}' in YAML; put the value in "
+                "quotes")
+    if "end of stream" in problem and "quoted scalar" in context and start is not None:
+        quote = char_at(start) or '"'
+        return (f"{at(start)}: this quoted value is never closed: its closing {quote} is "
+                "missing")
+    if "unknown escape" in problem:
+        line, column = line_of(mark), mark.column
+        if char_at(mark) != "\\" and column > 0 and line[column - 1] == "\\":
+            column -= 1
+        escape = line[column:column + 2]
+        return (f"{at(mark, column)}: '{escape}' is not an escape YAML knows in a \"...\" "
+                "value; write a backslash as \\\\, or put the value in single quotes")
+    if "flow sequence" in context or "flow mapping" in context:
+        opening, closing = ("[", "]") if "sequence" in context else ("{", "}")
+        where = start if start is not None else mark
+        hint = (" (a template such as {text} must be in quotes: prompt: \"{text}\")"
+                if opening == "{" else "")
+        return (f"{at(where)}: this '{opening}' is never closed with '{closing}' (or its "
+                f"items are not separated by commas){hint}")
+    if "could not find expected ':'" in problem and start is not None:
+        return (f"{at(start)}: this line has no ':' after its key; write key: value (a "
+                "value that goes on over several lines must be indented under its key)")
+    if "block scalar" in context:
+        return (f"{at(mark)}: after '|' or '>' only '-', '+', an indentation digit or a "
+                "comment may follow on the same line; the text goes on the lines below")
+    if "mapping values are not allowed" in problem:
+        before = line_of(mark)[: mark.column]
+        if re.search(r":(\s|$)", before):
+            return (f"{at(mark)}: a ': ' inside a value; put the value in quotes "
+                    "(key: \"text: more text\")")
+        return (f"{at(mark)}: this line is indented more than the line above it, so YAML "
+                "reads it as part of that value; indent it like the keys next to it")
+    if "block mapping" in context and ("expected key" in problem
+                                       or "expected <block end>" in problem):
+        line = line_of(mark)
+        indent = len(line) - len(line.lstrip(" "))
+        before = line[: mark.column].rstrip()
+        if mark.column <= indent:
+            if char_at(mark) == "-":
+                return (f"{at(mark)}: a list item ('- ') where a key was expected; indent "
+                        "it under the key it belongs to")
+            return (f"{at(mark)}: the indentation of this line matches no key above it; "
+                    "indent it like the keys next to it (with spaces)")
+        if before.endswith(('"', "'")):
+            quote = before[-1]
+            inside = '\\"' if quote == '"' else "''"
+            other = "single" if quote == '"' else "double"
+            return (f"{at(mark)}: text after the closing {quote}: a quoted value ends at its "
+                    f"closing quote; write {inside} for a {quote} inside it, or quote the "
+                    f"value with {other} quotes")
+        if before.endswith(("}", "]")):
+            return (f"{at(mark)}: text after a closing '{before[-1]}': YAML read what "
+                    "precedes it as a {...} mapping or [...] list; put a value that starts "
+                    "with '{' or '[' in quotes (id: \"{shop}-{sku}\")")
+        return (f"{at(mark)}: unexpected text; check the quoting and indentation of this "
+                "line")
+    if context and problem.startswith("but "):  # PyYAML: "expected X, but found Y"
+        problem = f"{context}, {problem}"
+    return f"{at(mark)}: not valid YAML: {problem or context}"
 
 
 class _JobLoader(_SafeLoader):
@@ -535,6 +715,10 @@ def _explain(exc: ValidationError, path: Path, lines: Mapping[tuple[str, ...], i
             messages.append(f"{where}: unknown key '{dotted}'{hint}")
         elif err["type"] == "missing":
             messages.append(f"{where}: missing required key '{dotted}'")
+        elif err["type"] == "string_type" and isinstance(err.get("input"), dict | list):
+            kind = "a {...} mapping" if isinstance(err["input"], dict) else "a [...] list"
+            messages.append(f"{where}: '{dotted}' is {kind} in YAML, not text; put a value "
+                            f"that starts with '{{' or '[' in quotes: {loc[-1]}: \"{{text}}\"")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             prefix = f"'{dotted}': " if loc else ""

@@ -25,9 +25,11 @@ numbers or nesting too large to read) is a ``file:line:`` problem before anythin
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
+import logging
 import math
 import string
 import sys
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from batchgpt.config import JobConfig
+from batchgpt.config import JobConfig, template_parts
 from batchgpt.errors import ConfigError, InputError, InputProblem
 from batchgpt.files import NotRegularFile, open_regular
 from batchgpt.tokens import output_cap, prompt_tokens, request_cost
@@ -55,6 +57,8 @@ FORM_NAMES: dict[str, str] = {
     "batch": "a Batch API line", "chat": "a chat line", "template": "a template record",
 }
 TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,26 @@ class Row:
 
 class RowError(ValueError):
     """What is wrong with one line (the caller adds file and line)."""
+
+
+class MissingField(RowError):
+    """A line without a field the job uses (in its prompt, its id template, or its
+    id_field): a problem of the line, unless no line has the field — then it is the job
+    file's (see InputFile.scan)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class MissingModel(RowError):
+    """A line whose request has no model: the line's problem, unless no line names a model
+    and the job sets none — then the job file's."""
+
+
+# What a line's problem is about, when it may turn out to be the job file's:
+# ("field", name) or ("model",); None for everything else.
+Tag = tuple[str, ...] | None
 
 
 def _canonical(body: dict[str, Any]) -> str:
@@ -149,7 +173,8 @@ def _split_template(template: str) -> tuple[str, tuple[_Part, ...]]:
 class RowBuilder:
     """Turns one parsed JSON line into a :class:`Row`, given the job's defaults."""
 
-    __slots__ = ("_base", "_fixed", "_head", "_job", "_parts", "_splice")
+    __slots__ = ("_base", "_chat_skip", "_fixed", "_head", "_id_key", "_id_parts", "_job",
+                 "_parts", "_splice", "id_fields")
 
     def __init__(self, job: JobConfig) -> None:
         self._job = job
@@ -157,6 +182,17 @@ class RowBuilder:
         self._head, self._parts = _split_template(
             job.prompt if job.prompt is not None else "{text}"
         )
+        # A record's id: the field `_id_key` ('id', or the job's id_field), or, with the
+        # job's `id` template, `_id_parts` rendered (then `_id_key` is None).
+        self._id_key: str | None = None if job.id is not None else job.id_field or "id"
+        self._id_parts = template_parts(job.id) if job.id is not None else []
+        #: Fields the job's id is made of, when the job says (id_field, id).
+        self.id_fields: list[str] = (
+            [job.id_field] if job.id_field is not None
+            else list(dict.fromkeys(f for _, f in self._id_parts if f is not None))
+        )
+        # A chat line's keys that are not request parameters: its id's fields among them.
+        self._chat_skip = frozenset(("id", "messages", "metadata", *self.id_fields))
         base: dict[str, Any] = {}
         if job.model is not None:
             base["model"] = job.model
@@ -232,7 +268,7 @@ class RowBuilder:
         else:
             custom_id, body = self._template(record)
         if not isinstance(body.get("model"), str) or not body["model"]:
-            raise RowError("no model: set `model` in the job file or in the line's body")
+            raise MissingModel("no model: set `model` in the job file or in the line's body")
         if body.get("stream"):
             raise RowError("'stream': true is not supported in a batch")
         try:
@@ -269,9 +305,7 @@ class RowBuilder:
         return custom_id, {**self._base, **body}
 
     def _chat(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        if "id" not in record:
-            raise RowError("chat line without 'id'")
-        custom_id = _id(record["id"], "id")
+        custom_id = self._record_id(record, "chat line")
         if "messages" not in record:
             raise RowError("chat line without 'messages' (a list of {'role', 'content'})")
         messages = record["messages"]
@@ -279,7 +313,8 @@ class RowBuilder:
         if self._job.system is not None and messages[0].get("role") not in ("system",
                                                                             "developer"):
             messages = [{"role": "system", "content": self._job.system}, *messages]
-        params = {k: v for k, v in record.items() if k not in ("id", "messages", "metadata")}
+        skip = self._chat_skip
+        params = {k: v for k, v in record.items() if k not in skip}
         if "stream" in params:
             raise RowError("'stream' is not supported in a batch")
         return custom_id, {**self._base, **params, "messages": messages}
@@ -298,17 +333,21 @@ class RowBuilder:
     def _render(self, record: dict[str, Any]) -> tuple[str, str]:
         """A template line's id and user message: the prompt's literal text and its
         fields' values, joined (a field that is not a string is written as JSON)."""
-        try:
-            value = record["id"]
-        except KeyError:
-            raise RowError(self._without_id(record)) from None
-        custom_id = _id(value, "id")
+        key = self._id_key
+        if key is None:
+            custom_id = self._template_id(record)
+        else:
+            try:
+                value = record[key]
+            except KeyError:
+                raise self._without_id(record) from None
+            custom_id = _id(value, key)
         pieces = [self._head]
         for name, conversion, spec, literal in self._parts:
             try:
                 value = record[name]
             except KeyError:
-                raise RowError(self._without_field(record, name)) from None
+                raise MissingField(self._without_field(record, name), name) from None
             if not isinstance(value, str):
                 try:
                     value = _json_value(value)
@@ -323,14 +362,55 @@ class RowBuilder:
             pieces.append(literal)
         return custom_id, "".join(pieces)
 
+    def _record_id(self, record: dict[str, Any], what: str) -> str:
+        """A template record's or chat line's id (``what`` names the line's form)."""
+        key = self._id_key
+        if key is None:
+            return self._template_id(record)
+        if key not in record:
+            if key == "id":
+                raise RowError(f"{what} without 'id'")
+            raise MissingField(f"{what} without '{key}', the job's id_field"
+                               f"{_did_you_mean(key, record)}", key)
+        return _id(record[key], key)
+
+    def _template_id(self, record: dict[str, Any]) -> str:
+        """The id the job's ``id`` template makes of a record: its fields' values (each a
+        string or an integer) joined with the template's literal text."""
+        pieces = []
+        for literal, name in self._id_parts:
+            pieces.append(literal)
+            if name is None:
+                continue
+            try:
+                value = record[name]
+            except KeyError:
+                raise MissingField(f"missing field '{name}' used by the job's id", name
+                                   ) from None
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise RowError(f"field '{name}' used by the job's id must be a string or an "
+                               f"integer, not {_json_kind(value)}")
+            pieces.append(value if isinstance(value, str) else str(value))
+        text = "".join(pieces)
+        if not text.strip():
+            raise RowError(f"the id is empty: the job's id template {_short(self._job.id)!r} "
+                           f"gives {text!r} for this record")
+        if not text.isascii() and _has_surrogate(text):
+            raise RowError(_surrogate_message("id", text))
+        return text
+
     # -- what to say -----------------------------------------------------------------------
-    def _without_id(self, record: dict[str, Any]) -> str:
+    def _without_id(self, record: dict[str, Any]) -> RowError:
+        key = self._id_key
+        if key is not None and key != "id":
+            return MissingField(f"record without '{key}', the job's id_field"
+                                f"{_did_you_mean(key, record)}", key)
         if self._fixed is not None:
-            return "template record without 'id' (input_format: template)"
+            return RowError("template record without 'id' (input_format: template)")
         if "custom_id" in record:
-            return ("line without 'id': it has 'custom_id' but " + _why_not_batch(record)
-                    + ", so it is not a Batch API line")
-        return "line without 'id' (or 'custom_id' for a Batch API line)"
+            return RowError("line without 'id': it has 'custom_id' but "
+                            + _why_not_batch(record) + ", so it is not a Batch API line")
+        return RowError("line without 'id' (or 'custom_id' for a Batch API line)")
 
     def _without_field(self, record: dict[str, Any], name: str) -> str:
         if self._job.prompt is not None:
@@ -348,7 +428,8 @@ class RowBuilder:
         if form == "batch":
             return [("body", record.get("body"))]
         if form == "chat":
-            return [(k, v) for k, v in record.items() if k not in ("id", "metadata")]
+            return [(k, v) for k, v in record.items() if k not in self._chat_skip
+                    or k == "messages"]
         return [(name, record[name]) for name, *_ in self._parts if name in record]
 
     def _unencodable(self, record: dict[str, Any], form: Form) -> str:
@@ -418,6 +499,36 @@ def _convert(value: str, conversion: str | None, spec: str) -> str:
     elif conversion == "a":
         value = ascii(value)
     return format(value, spec) if spec else value
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "a number with a fraction or exponent"
+    if isinstance(value, dict):
+        return "an object"
+    return "an array" if isinstance(value, list) else type(value).__name__
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    text = text or ""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _did_you_mean(name: str, record: dict[str, Any]) -> str:
+    """"; did you mean 'ticket_id'?" when the record has a field close to ``name``."""
+    close = _close_field(name, record)
+    return f"; did you mean '{close}'?" if close else ""
+
+
+def _close_field(name: str, fields: Any) -> str | None:
+    names = [f for f in fields if isinstance(f, str)]
+    for f in names:
+        if f.lower() == name.lower():
+            return f
+    found = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _id(value: Any, key: str) -> str:
@@ -646,6 +757,89 @@ def _int_digits() -> int:
     return int(get()) if get is not None else 4300
 
 
+class _FirstRows:
+    """What the bad lines before the first valid one had, to tell a job file's mistake from
+    the input's: a field the job uses that *no* record has (``{txt}`` for ``text``), or no
+    model in the job and none named by any line. Once a line is valid there can be no such
+    mistake — that line has every field and a model — so only the lines before it are
+    shown here, and the usual path (a valid file) never is.
+
+    ``fields``: per form, each field the job uses and the job-file key that uses it;
+    ``unseen``: those no line of that form has had so far."""
+
+    __slots__ = ("fields", "first", "model_named", "records", "unseen", "valid")
+
+    def __init__(self, builder: RowBuilder) -> None:
+        job = builder._job
+        id_key = "id_field" if job.id_field is not None else "id"
+        id_fields = {f: id_key for f in builder.id_fields}
+        prompt_fields = {f: "prompt" for f, *_ in builder._parts}
+        self.fields: dict[Form, dict[str, str]] = {
+            "template": {**prompt_fields, **id_fields}, "chat": id_fields, "batch": {},
+        }
+        self.unseen: dict[Form, set[str]] = {k: set(v) for k, v in self.fields.items()}
+        self.first: dict[Form, tuple[int, dict[str, Any]]] = {}
+        self.records = 0
+        self.model_named = False
+        self.valid = False
+
+    def note(self, record: Any, form: Form, line: int) -> None:
+        """A line that is not valid (before the first that is), read as ``form``."""
+        if not isinstance(record, dict):
+            return
+        self.records += 1
+        self.first.setdefault(form, (line, record))
+        unseen = self.unseen[form]
+        if unseen:
+            unseen.difference_update([f for f in unseen if f in record])
+        if not self.model_named:
+            holder = record.get("body") if form == "batch" else record
+            model = holder.get("model") if form != "template" and isinstance(holder, dict) \
+                else None
+            self.model_named = isinstance(model, str) and bool(model)
+
+    def job_file_mistakes(self, job: JobConfig, input_name: str
+                          ) -> tuple[list[str], list[tuple[str, ...]]]:
+        """The job file's mistakes (one message each, naming its line) and the tags of the
+        per-line problems they account for."""
+        if self.valid or not self.records:
+            return [], []
+        messages: list[str] = []
+        resolved: list[tuple[str, ...]] = []
+        for form, (line, record) in self.first.items():
+            for field, key in self.fields[form].items():
+                if field in self.unseen[form] and ("field", field) not in resolved:
+                    messages.append(self._missing(job, key, field, input_name, line, record))
+                    resolved.append(("field", field))
+        if job.model is None and not self.model_named:
+            messages.append(f"{job.where()}: no model: set `model:` in the job file; no line "
+                            f"of {input_name} names one")
+            resolved.append(("model",))
+        return messages, resolved
+
+    @staticmethod
+    def _missing(job: JobConfig, key: str, field: str, input_name: str, line: int,
+                 record: dict[str, Any]) -> str:
+        fields = [f for f in record if isinstance(f, str)]
+        close = _close_field(field, fields)
+        listed = ", ".join(_short(f, 30) for f in fields[:12]) + (", …" if len(fields) > 12
+                                                                    else "")
+        hint = (f"; did you mean '{close}'? (line {line}'s fields: {listed})" if close
+                else f" (line {line}'s fields: {listed})")
+        nowhere = f"no record in {input_name} has a field '{field}'"
+        if key == "prompt" and job.prompt is None:
+            example = next((f for f in fields if f not in ("id", job.id_field)), "text")
+            message = (f"{job.where()}: the job has no `prompt`, so a record's 'text' is its "
+                       f"message, but {nowhere}{hint}; set `prompt:` to a template over "
+                       f"the records' fields, e.g. prompt: \"{{{_short(example, 30)}}}\"")
+            if job.input_format == "auto" and "messages" in record:
+                message += (f"; and line {line} is not a chat line either: "
+                            f"{_why_not_chat(record['messages'])}")
+            return message
+        uses = f"id_field is '{field}'" if key == "id_field" else f"{key} uses {{{field}}}"
+        return f"{job.where(key)}: {uses}, but {nowhere}{hint}"
+
+
 class InputFile:
     """A JSONL input, read twice: :meth:`scan` validates every line and yields what resume
     needs; :meth:`read_at` rebuilds the rows that are pending, by byte offset."""
@@ -654,6 +848,11 @@ class InputFile:
         self.job = job
         self.path = Path(job.input)
         self.builder = RowBuilder(job)
+        check = job.model_price_check()
+        if check is not None:  # a budget with an unknown price, or a likely misspelling
+            if check.fatal:
+                raise ConfigError(check.message)
+            log.warning("%s", check.message)
 
     def _open(self) -> io.BufferedReader:
         """The input, opened for reading once it is known to be a regular file: opening a
@@ -677,39 +876,71 @@ class InputFile:
 
     def scan(self) -> Iterator[ScannedRow]:
         """Validate the whole file; yield each valid row. Raises InputError at the end if
-        any line was bad (so nothing is sent for a file with a problem anywhere)."""
+        any line was bad (so nothing is sent for a file with a problem anywhere).
+
+        A mistake of the job file that every line shows — a field the prompt (or the id)
+        uses that no record has, no model anywhere — is one ConfigError naming the job
+        file's line, not a problem per input line (see :class:`_FirstRows`); the input's
+        other problems follow it."""
+        # Problems found, first ones kept: those that may turn out to be the job file's
+        # (tagged) apart, per tag, so that dropping them can't hide another problem.
         problems: list[InputProblem] = []
-        extra = 0
+        untagged = 0
+        held: dict[tuple[str, ...], list[InputProblem]] = {}
+        held_count: dict[tuple[str, ...], int] = {}
         # 64-bit hashes of ids in a flat array: 8-16 bytes a row, not the ids. The line a
         # duplicate first appeared on is looked up again only when there is one.
         seen = _KeySet()
         duplicates: dict[str, list[int]] = {}
         name = str(self.path)
+        first_rows = _FirstRows(self.builder)
+        bad = False
 
-        def problem(line: int, msg: str) -> None:
-            nonlocal extra
-            if len(problems) < MAX_PROBLEMS:
-                problems.append(InputProblem(name, line, msg))
-            else:
-                extra += 1
+        def problem(line: int, msg: str, tag: Tag = None) -> None:
+            nonlocal untagged, bad
+            bad = True
+            if tag is None:
+                untagged += 1
+                if len(problems) < MAX_PROBLEMS:
+                    problems.append(InputProblem(name, line, msg))
+                return
+            count = held_count[tag] = held_count.get(tag, 0) + 1
+            if count <= MAX_PROBLEMS:
+                held.setdefault(tag, []).append(InputProblem(name, line, msg))
 
-        for scanned in self._rows(problem):
+        for scanned in self._rows(problem, first_rows):
             custom_id = scanned.custom_id
             if not seen.add(_id_key(custom_id)):
                 duplicates.setdefault(custom_id, []).append(scanned.line)
                 problem(scanned.line, f"duplicate id {custom_id!r}")
                 continue
-            if not problems:
+            if not bad:
                 yield scanned
-        if problems:
-            if duplicates:
-                problems = self._name_first_lines(problems, duplicates)
-            raise InputError(problems, extra)
+        mistakes, resolved = first_rows.job_file_mistakes(self.job, name)
+        if not (bad or mistakes):
+            return
+        for tag in resolved:
+            held.pop(tag, None)
+            held_count.pop(tag, None)
+        problems.extend(p for kept in held.values() for p in kept)
+        problems.sort(key=lambda p: p.line)  # stable: a line's own order stays
+        more = untagged + sum(held_count.values()) - min(len(problems), MAX_PROBLEMS)
+        problems = problems[:MAX_PROBLEMS]
+        if duplicates:
+            problems = self._name_first_lines(problems, duplicates)
+        if mistakes:
+            text = "\n".join([*mistakes, *(str(p) for p in problems)])
+            if more:
+                text += f"\n… and {more} more problem(s) in the input not shown"
+            raise ConfigError(text)
+        raise InputError(problems, more)
 
-    def _rows(self, problem: Callable[[int, str], None]) -> Iterator[ScannedRow]:
+    def _rows(self, problem: Callable[[int, str, Tag], None],
+              first_rows: _FirstRows | None = None) -> Iterator[ScannedRow]:
         """Every valid row of the file (duplicates included); every other non-blank line
         goes to ``problem``. The first valid row's form is the file's (with
-        ``input_format: auto``): a line of another form is a problem."""
+        ``input_format: auto``): a line of another form is a problem. Until that first
+        valid row, each bad line is also shown to ``first_rows``."""
         builder = self.builder
         form_of = builder.form
         scan_row = builder.scan
@@ -729,17 +960,18 @@ class InputFile:
                         text = text.removeprefix("\ufeff")
                     record = _loads(text)
                 except UnicodeDecodeError:
-                    problem(number, "not UTF-8 text")
+                    problem(number, "not UTF-8 text", None)
                     continue
                 except json.JSONDecodeError as exc:
-                    problem(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
+                    problem(number, f"invalid JSON: {exc.msg} (column {exc.colno})", None)
                     continue
                 except ValueError as exc:
-                    problem(number, _unreadable(exc))
+                    problem(number, _unreadable(exc), None)
                     continue
                 except RecursionError:
-                    problem(number, TOO_DEEP)
+                    problem(number, TOO_DEEP, None)
                     continue
+                form = form_of(record)  # by the keys alone: no depth can break it
                 try:
                     # Nesting can't exceed the number of brackets: counting them (in C)
                     # spares the walk for all but the rare line with many. The whole line
@@ -749,25 +981,33 @@ class InputFile:
                         record, MAX_DEPTH
                     ):
                         raise RowError(TOO_DEEP)
-                    form = form_of(record)
                     if form != file_form and auto and file_form is not None and form is not None:
                         raise RowError(builder.mixed(record, form, file_form, first))
                     scanned = scan_row(record, number, start, form)
                 except RowError as exc:
-                    problem(number, str(exc))
+                    tag: Tag = None
+                    if isinstance(exc, MissingField):
+                        tag = ("field", exc.field)
+                    elif isinstance(exc, MissingModel):
+                        tag = ("model",)
+                    problem(number, str(exc), tag)
+                    if file_form is None and first_rows is not None and form is not None:
+                        first_rows.note(record, form, number)
                     continue
                 except RecursionError:  # pragma: no cover - MAX_DEPTH keeps it away
-                    problem(number, TOO_DEEP)
+                    problem(number, TOO_DEEP, None)
                     continue
                 if file_form is None:
                     file_form, first = form, number
+                    if first_rows is not None:
+                        first_rows.valid = True
                 yield scanned
 
     def _name_first_lines(
         self, problems: list[InputProblem], duplicates: dict[str, list[int]]
     ) -> list[InputProblem]:
         first: dict[str, int] = {}
-        for scanned in self._rows(lambda line, msg: None):
+        for scanned in self._rows(lambda line, msg, tag: None):
             custom_id = scanned.custom_id
             if custom_id in duplicates and custom_id not in first:
                 first[custom_id] = scanned.line

@@ -360,6 +360,13 @@ def test_any_line_is_a_sendable_row_or_a_file_line_problem(config: dict[str, Any
             return
         try:
             rows = list(source.scan())
+        except ConfigError as exc:  # the job's mistake every line shows, then other problems
+            text = str(exc)
+            text.encode("utf-8")
+            assert text.startswith("the job: ")
+            for line in text.splitlines():
+                assert line.startswith(("the job: ", f"{path}:", "… and ")), line
+            return
         except InputError as exc:
             assert exc.problems
             for problem in exc.problems:
