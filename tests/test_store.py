@@ -379,3 +379,32 @@ def test_compaction_refuses_an_output_that_is_not_what_the_index_says(tmp_path: 
         OutputLog(Path(job.output)).write_compacted(index.live_ranges())
     index.close()
     assert job.output.read_bytes() == b"".join(reversed(lines))  # untouched
+
+
+def test_a_rebuild_keeps_spare_answers_until_the_plan_picks_the_current_one(
+    tmp_path: Path
+) -> None:
+    """An id with two answers in the output, tagged for two requests, and an index that
+    knows neither line's place (the file was reordered): the rebuild cannot tell which is
+    current, so both stay until the plan knows the row's request."""
+    def tagged(cid: str, h: str) -> bytes:
+        return encode_line({"id": f"batch_req_{answer_tag(cid, h)}", "custom_id": cid,
+                            "response": {"status_code": 200, "body": {"model": "m",
+                                         "usage": {"prompt_tokens": 1}}}, "error": None})
+
+    new, old = tagged("a", "h-new"), tagged("a", "h-old")
+    out = OutputLog(tmp_path / "o.jsonl")
+    out.start(0, 0)
+    out.append(new + old)  # the newer answer first, as a reorder can leave it
+    index = Index.open(tmp_path / "i.sqlite")
+    index.commit([NewResult("a", "h-old", 999, len(old), 1, "m", Usage())], [], None,
+                 output_size=1, output_crc=0)  # the index: old request, at no real place
+    recover(OutputLog(out.path), index, tmp_path / "f.jsonl", dry=False,
+            index_was_lost=False)
+    assert index.spare_count() == 1
+    index.adopt([("a", "h-new")])  # the plan: the row's request is the new one
+    assert index.spare_count() == 0
+    assert index.unsettled([("a", "h-new")]) == {}
+    (_, off, length), = index.live_ranges()
+    assert out.path.read_bytes()[off:off + length] == new
+    assert index.meta_int("dead_lines") == 1  # the old answer, for the next compaction
