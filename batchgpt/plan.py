@@ -51,6 +51,7 @@ class Plan:
     changed_examples: list[str] = field(default_factory=list)
     failed_codes: Counter[str] = field(default_factory=Counter)  # of the failed_kept rows
     with_result: int = 0  # rows with a result in the output (for this request or another)
+    failed_deferred: int = 0  # of the deferred rows, those still failed (in the failures file)
 
     @property
     def to_send(self) -> int:
@@ -136,6 +137,7 @@ def _classify(
             plan.changed += 1
         if limit is not None and len(plan.offsets) >= limit:
             plan.deferred += 1
+            plan.failed_deferred += s is not None and s.has_failure
             continue
         row = scanned.row  # the request is built only for the rows to send
         plan.offsets.append(scanned.offset)

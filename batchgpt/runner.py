@@ -606,7 +606,7 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
         run.request_stop(StopReason.INCOMPLETE, f"{unresolved} rows were not resolved; rerun "
                          "to send them", ExitCode.ERROR)
     succeeded = plan.done + stats.succeeded
-    failed = plan.failed_kept + stats.failed
+    failed = plan.failed_kept + plan.failed_deferred + stats.failed
     replaced = store.writer.replaced if store.writer is not None else 0
     in_input = plan.with_result + stats.succeeded - replaced
     requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,

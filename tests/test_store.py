@@ -92,7 +92,7 @@ def test_an_output_deleted_during_the_run_stops_the_next_append(tmp_path: Path) 
     out.start(0, 0)
     out.append(result_line("a"))
     out.path.unlink()
-    with pytest.raises(OutputChanged, match="deleted during the run"):
+    with pytest.raises(OutputChanged, match="was deleted"):
         out.append(result_line("b"))
 
 
@@ -231,7 +231,7 @@ async def test_a_failed_append_is_cut_back_and_nothing_is_recorded(tmp_path: Pat
     await writer.put_result("a", "h", result_line("a"), 1, "m", Usage())
     size = job.output.stat().st_size
     job.output.unlink()  # the output deleted under the run
-    with pytest.raises(StateError, match="deleted during the run"):
+    with pytest.raises(StateError, match="was deleted"):
         await writer.put_result("b", "h", result_line("b"), 1, "m", Usage())
     await store.stop_writer()
     assert store.index.meta_int("output_size") == size

@@ -104,8 +104,8 @@ class OutputLog:
         start = self.size
         st = os.fstat(fd)
         if st.st_nlink == 0:
-            raise OutputChanged(f"{self.path} was deleted during the run; nothing more is "
-                                "written to it")
+            raise OutputChanged(f"{self.path} was deleted (or replaced) during the run; "
+                                "nothing more is written to it")
         if st.st_size != start:
             raise OutputChanged(
                 f"{self.path} changed during the run ({st.st_size} bytes where batchgpt "

@@ -72,8 +72,8 @@ class Report:
             yield (f"would take over {self.taken_over} results from {output}" if dry
                    else f"took over {self.taken_over} results from {output}")
         if self.failures_taken_over:
-            yield (f"{would}take over {self.failures_taken_over} failed rows from the "
-                   "failures file")
+            yield (f"{'would take' if dry else 'took'} over {self.failures_taken_over} failed "
+                   "rows from the failures file")
         if self.lost:
             yield (f"{self.lost} results the checkpoint recorded are no longer in {output} "
                    "(removed or edited outside batchgpt); those rows will be sent again")
