@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchgpt.config import JobConfig
-from batchgpt.errors import ConfigError, StateError
+from batchgpt.errors import ConfigError, ExitCode, StateError
 from batchgpt.files import open_regular
 from batchgpt.pricing import Price, cost_usd, resolve_price
 from batchgpt.source import InputFile, ScannedRow
@@ -79,6 +79,12 @@ STATUS_COLUMNS = ("status", "stale", "error_code", "error_message", "model",
                   "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 RESERVED = frozenset(("content", *STATUS_COLUMNS))  # a record field of such a name is renamed
 PARQUET_HINT = "pip install 'batchgpt[parquet]'"
+
+
+class UsageError(ConfigError):
+    """A command-line option the export can't follow (a format, a field name): exit 2."""
+
+    exit_code = ExitCode.USAGE
 
 
 def validates_json(job: JobConfig) -> bool:
@@ -188,9 +194,10 @@ class ResultReader:
     lines close together (nearly always: results are appended about in input order) are
     read with one ``pread``. Every line is checked to be its id's."""
 
-    def __init__(self, path: Path, job_path_hint: str) -> None:
+    def __init__(self, path: Path, job_path_hint: str, index_path: Path) -> None:
         self.path = path
         self._hint = job_path_hint
+        self._index_path = index_path
         try:
             self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -251,10 +258,13 @@ class ResultReader:
     def changed(self, custom_id: str, offset: int) -> StateError:
         return StateError(
             f"{self.path}: the line at byte {offset} is not the result of {custom_id!r} that "
-            "the index records there: the output changed since it was indexed (edited, or "
-            "compacted by a run going on beside). Nothing was exported. Run "
+            "the index records there: the output no longer matches its index (it changed "
+            "while being read, e.g. compacted by a run going on beside, or the index is "
+            "damaged). The export stopped (with -o, nothing was written). Run "
             f"`batchgpt run {self._hint}` once so that it re-indexes the output (it then "
-            "sends the rows still pending; `--limit 1` sends at most one), and export again"
+            "sends the rows still pending; `--limit 1` sends at most one), and export again; "
+            f"if this persists, move {self._index_path} aside first: the next run rebuilds "
+            "it from the output and sends nothing twice"
         )
 
 
@@ -441,7 +451,7 @@ def opened(job: JobConfig, job_hint: str) -> Iterator[tuple[Store, ResultReader]
         if report.taken_over or report.lost or report.torn_bytes or report.unreadable_lines:
             for message in report.messages(store.out.path, dry=True):
                 log.warning("%s (a run would do so; read as it is now)", message)
-        with ResultReader(store.out.path, job_hint) as reader:
+        with ResultReader(store.out.path, job_hint, store.db_path) as reader:
             yield store, reader
     finally:
         store.close()
@@ -480,7 +490,7 @@ def parse_fields(text: str | None, available: Sequence[str]) -> list[str] | None
         return None
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ConfigError("--fields: no field named; available: " + ", ".join(available))
+        raise UsageError("--fields: no field named; available: " + ", ".join(available))
     known = set(available)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -490,11 +500,11 @@ def parse_fields(text: str | None, available: Sequence[str]) -> list[str] | None
         for name in unknown:
             close = difflib.get_close_matches(name, available, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"--fields: unknown field{'s' if len(unknown) > 1 else ''} "
+        raise UsageError(f"--fields: unknown field{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(hints)}; available: {', '.join(available)}")
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise ConfigError(f"--fields: {name!r} is named twice")
+            raise UsageError(f"--fields: {name!r} is named twice")
     return names
 
 
@@ -708,13 +718,13 @@ def export(job: JobConfig, *, fmt: str = "jsonl", fields: str | None = None,
     for a bad format, field list or destination, StateError when the output does not
     match its index, InputError for an input a run would refuse."""
     if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "parquet":
         pyarrow_modules()  # before anything is read
     if dest is not None:
         check_destination(job, dest, job_file)
     elif fmt == "parquet" and stdout is None and sys.stdout.isatty():
-        raise ConfigError("Parquet is a binary format: write it to a file with -o PATH")
+        raise UsageError("Parquet is a binary format: write it to a file with -o PATH")
     stats = ExportStats(path=dest)
     hint = str(job_file) if job_file is not None else "JOB"
     with opened(job, hint) as (store, reader):
