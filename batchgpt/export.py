@@ -560,7 +560,7 @@ def _checked(rows: Rows, stats: ExportStats) -> Iterator[dict[str, Any]]:
 # Columns whose values are always text, numbers or empty: the csv module writes them as
 # they are (None as empty, numbers with str()), no conversion needed.
 _PLAIN = frozenset(("status", "error_code", "error_message", "model", "prompt_tokens",
-                    "completion_tokens", "total_tokens", "cost_usd", "custom_id"))
+                    "completion_tokens", "total_tokens", "cost_usd"))
 
 
 def write_csv(rows: Rows, sink: IO[bytes], columns: list[str], stats: ExportStats) -> None:
