@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,34 @@ def test_parquet_export_in_row_groups(job: JobFiles, cli: Any,
     assert [r["status"] for r in rows][2:4] == ["failed", "succeeded"]
     assert isinstance(rows[0]["prompt_tokens"], int) and rows[0]["stale"] is False
     assert rows[9]["cost_usd"] is None and rows[0]["cost_usd"] > 0
+
+
+def test_results_the_index_missed_are_exported_without_repairing_anything(
+    job: JobFiles, cli: Any
+) -> None:
+    """A run killed between writing a result and indexing it leaves the index behind the
+    output: the export reads the output as a run would take it over (in memory), and
+    leaves the repair to the next run."""
+    path = job.write(articles(4))
+    assert cli("run", path).exit_code == 0
+    data = job.output.read_bytes()
+    cut = data.rindex(b"\n", 0, len(data) - 1) + 1
+    last = json.loads(data[cut:])["custom_id"]
+    db = sqlite3.connect(job.dir / "out" / "job.state" / "rows.sqlite")
+    with db:
+        db.execute("DELETE FROM results WHERE custom_id = ?", (last,))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'output_size'", (str(cut),))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'output_crc'",
+                   (str(zlib.crc32(data[:cut])),))
+        db.execute("DELETE FROM meta WHERE key = 'fingerprint'")
+    db.close()
+    folders = (job.dir / "jobs", job.dir / "data", job.dir / "out")
+    before = digest(*folders)
+    result = cli("export", path)
+    assert result.exit_code == 0, result.output
+    rows = jsonl(result.stdout)
+    assert [r["status"] for r in rows] == ["succeeded"] * 4
+    taken = next(r for r in rows if r["id"] == last)
+    assert taken["content"].startswith("[sandbox] ") and taken["stale"] is False
+    assert "would take over 1 results" in result.stderr
+    assert digest(*folders) == before
