@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import json
 import logging
 import os
@@ -226,6 +227,71 @@ def status(
         typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:
         typer.echo(render_status(info))
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe does
+    not print an error on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+@app.command()
+@_guarded
+def export(
+    job_path: JobArg,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="jsonl, csv or parquet (parquet needs pyarrow).")] = "jsonl",
+    fields: Annotated[str | None, typer.Option(
+        "--fields", help="Columns to write, in this order, comma-separated.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", help="Write to this file (atomically) instead of stdout.")] = None,
+) -> None:
+    """One row per input record, in input order: its fields, reply, status, usage, cost."""
+    setup_logging("text", None, False)
+    from batchgpt.export import export as export_table
+
+    job = _load(job_path)
+    try:
+        stats = export_table(job, fmt=fmt, fields=fields, dest=output, job_file=job_path)
+    except InputError as exc:
+        log.error("the input has problems (a run would refuse it too); export stopped, "
+                  "and with -o nothing was written:\n%s", exc)
+        raise typer.Exit(ExitCode.ERROR) from None
+    except BrokenPipeError:  # `batchgpt export JOB | head`: the reader has what it wanted
+        _quiet_stdout()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    log.info("%s", stats.describe())
+
+
+@app.command()
+@_guarded
+def show(
+    job_path: JobArg,
+    row_id: Annotated[str, typer.Argument(metavar="ID", help="The row's id (custom_id).",
+                                          show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """One row: the request sent (or to be sent), the reply or the error, usage, cost."""
+    setup_logging("text", None, False)
+    from batchgpt.show import render_row, show_row
+
+    job = _load(job_path)
+    try:
+        info = show_row(job, row_id, str(job_path))
+    except InputError as exc:
+        log.error("the input has problems (a run would refuse it too):\n%s", exc)
+        raise typer.Exit(ExitCode.ERROR) from None
+    text = json.dumps(info, indent=2, ensure_ascii=False) if as_json else render_row(info)
+    # a lone surrogate a server sent is shown escaped, not a crash at print time
+    typer.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 @app.command()

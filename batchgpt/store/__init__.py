@@ -27,6 +27,9 @@ from batchgpt.files import file_kind
 from batchgpt.store.index import (
     Index,
     Settled,
+    StoredFailure,
+    StoredResult,
+    StoredRow,
     Totals,
     closed_cleanly,
     discard,
@@ -43,7 +46,10 @@ log = logging.getLogger("batchgpt")
 
 ADOPT_IN_MEMORY = 100_000  # taken-over ids held as a set while planning (~10 MB at most)
 
-__all__ = ["GroupWriter", "JobLock", "Settled", "Store", "Totals", "encode_line", "now_iso"]
+__all__ = [
+    "GroupWriter", "JobLock", "Settled", "Store", "StoredFailure", "StoredResult", "StoredRow",
+    "Totals", "encode_line", "now_iso",
+]
 
 
 class Store:
@@ -317,6 +323,11 @@ class Store:
 
     def failure_codes(self) -> dict[str, int]:
         return self.index.failure_codes()
+
+    def lookup(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+        """What is stored for each of ``ids`` (export, show): results and failures, read
+        in batches; ids with neither are left out."""
+        return self.index.lookup(ids)
 
 
 def check_paths(job: JobConfig) -> None:

@@ -155,6 +155,50 @@ class NewFailure:
     tag: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A row's result as the index records it: where its line is in the output, and
+    what it cost (what an export or ``show`` needs without parsing the line first)."""
+
+    req_hash: str | None  # the request it answers; None: taken over, not adopted yet
+    off: int
+    len: int
+    attempts: int
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+
+    @property
+    def usage(self) -> Usage:
+        return Usage.model_construct(  # counts were validated before they were stored
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            cached_tokens=self.cached_tokens, reasoning_tokens=self.reasoning_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFailure:
+    """A row's failure as the index records it, with its failures-file line (which holds
+    the message, HTTP status and the server's response)."""
+
+    req_hash: str | None  # the request that failed; None: taken over from the failures file
+    transient: bool
+    error_code: str | None
+    attempts: int
+    line: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """Everything the index holds for one id: a result, a failure, or both (an older
+    result kept while the row's changed request failed)."""
+
+    result: StoredResult | None
+    failure: StoredFailure | None
+
+
 @dataclass
 class Totals:
     results: int = 0  # results in the output, whatever their ids
@@ -522,6 +566,33 @@ class Index:
         """(custom_id, offset, length) of every result, in output order."""
         yield from self.db.execute("SELECT custom_id, off, len FROM results ORDER BY off")
 
+    def lookup(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+        """What the index holds for each of ``ids`` (ids it knows nothing of are left
+        out): two primary-key queries per 500 ids (results, then failures, which are few),
+        so reading a million rows in input order costs 4,000 queries, not a million, and
+        never the whole table in memory. Read-only."""
+        results: dict[str, StoredResult] = {}
+        failures: dict[str, StoredFailure] = {}
+        for i in range(0, len(ids), LOOKUP_BATCH):
+            chunk = ids[i : i + LOOKUP_BATCH]
+            marks = ",".join("?" * len(chunk))
+            for cid, *values in self.db.execute(
+                "SELECT custom_id, req_hash, off, len, attempts, model, prompt_tokens, "
+                "completion_tokens, cached_tokens, reasoning_tokens FROM results "
+                f"WHERE custom_id IN ({marks})", chunk,
+            ):
+                results[cid] = StoredResult(*values)
+            for cid, f_hash, transient, code, attempts, line in self.db.execute(
+                "SELECT custom_id, req_hash, transient, error_code, attempts, line "
+                f"FROM failures WHERE custom_id IN ({marks})", chunk,
+            ):
+                failures[cid] = StoredFailure(f_hash, bool(transient), code, attempts,
+                                              bytes(line))
+        out = {cid: StoredRow(result, failures.pop(cid, None))
+               for cid, result in results.items()}
+        out.update((cid, StoredRow(None, failure)) for cid, failure in failures.items())
+        return out
+
     def failure_lines(self) -> Iterator[bytes]:
         for (line,) in self.db.execute("SELECT line FROM failures ORDER BY updated_at, custom_id"):
             yield bytes(line)
@@ -628,4 +699,7 @@ def discard(path: Path) -> Path | None:
     return aside
 
 
-__all__ = ["Index", "NewFailure", "NewResult", "Settled", "StateError", "Totals"]
+__all__ = [
+    "Index", "NewFailure", "NewResult", "Settled", "StateError", "StoredFailure",
+    "StoredResult", "StoredRow", "Totals",
+]
