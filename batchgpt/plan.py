@@ -32,6 +32,16 @@ def row_check(custom_id: str, request_hash: str) -> int:
 
 
 @dataclass
+class ModelLoad:
+    """What the rows to send ask of one model: for pricing the estimate and the budget."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    max_completion_tokens: int = 0  # over the rows that set a cap
+    uncapped: int = 0  # rows that set no max_tokens
+
+
+@dataclass
 class Plan:
     rows: int = 0  # valid rows in the input
     done: int = 0  # succeeded before (for this request, or kept by on_change: keep)
@@ -51,10 +61,32 @@ class Plan:
     changed_examples: list[str] = field(default_factory=list)
     failed_codes: Counter[str] = field(default_factory=Counter)  # of the failed_kept rows
     with_result: int = 0  # rows with a result in the output (for this request or another)
+    # The rows to send, by the model they name (the job's, or a Batch API / chat line's
+    # own): one entry per distinct model, so an unpriced one is refused before sending.
+    by_model: dict[str, ModelLoad] = field(default_factory=dict)
 
     @property
     def to_send(self) -> int:
         return len(self.offsets)
+
+    def requests(self) -> dict[str, int]:
+        """The input's rows by state, as ``status`` and ``--dry-run`` both report them
+        (and as a run's summary counts them before it sends anything): ``succeeded`` for
+        their current request (or kept by ``on_change: keep``), ``failed`` (for their
+        current request; ``retryable`` of them the next run sends again), ``pending``
+        (never answered for their current request), of which ``changed``: rows whose
+        request changed since their result or failure."""
+        failed = self.failed_kept + self.retrying
+        return {
+            "total": self.rows,
+            "succeeded": self.done,
+            "failed": failed,
+            "pending": self.rows - self.done - failed,
+            "changed": self.changed + self.changed_refused,
+            "changed_kept": self.changed_kept,
+            "retryable": self.retrying,
+            "to_send": self.to_send,
+        }
 
     def pending(self) -> Iterator[tuple[int, int, int]]:
         """(offset, line, check) of each row to send, in file order."""
@@ -63,11 +95,13 @@ class Plan:
 
 def make_plan(
     job: JobConfig, source: InputFile, store: Store | None, *, retry_failed: bool,
-    limit: int | None,
+    limit: int | None, refuse_changed: bool = True,
 ) -> Plan:
     """Raises InputError (every bad line) before returning anything, so a file with a
     problem anywhere sends nothing. ``store`` None: plan as if nothing was ever done
-    (--fresh validates the input this way before setting the old results aside)."""
+    (--fresh validates the input this way before setting the old results aside).
+    ``refuse_changed`` False (``status``): rows that ``on_change: error`` would refuse
+    are counted in ``changed_refused`` instead of raising."""
     plan = Plan()
     adopt = store is not None and store.has_unadopted()
     batch: list[ScannedRow] = []
@@ -78,7 +112,7 @@ def make_plan(
             batch = []
     if batch:
         _classify(job, store, batch, plan, retry_failed, limit, adopt)
-    if plan.changed_refused:
+    if plan.changed_refused and refuse_changed:
         raise ConfigError(
             f"{plan.changed_refused} rows changed since their result was written "
             f"(e.g. {', '.join(plan.changed_examples)}), and the job says on_change: error. "
@@ -141,9 +175,18 @@ def _classify(
         plan.offsets.append(scanned.offset)
         plan.lines.append(scanned.line)
         plan.checks.append(row_check(scanned.custom_id, scanned.request_hash))
-        plan.prompt_tokens += row.prompt_tokens
+        prompt = row.prompt_tokens
+        plan.prompt_tokens += prompt
         cap = row.max_output_tokens
+        model: str = row.body["model"]  # every valid row names one (source.py checks)
+        load = plan.by_model.get(model)
+        if load is None:
+            load = plan.by_model[model] = ModelLoad()
+        load.rows += 1
+        load.prompt_tokens += prompt
         if cap is None:
             plan.uncapped += 1
+            load.uncapped += 1
         else:
             plan.max_completion_tokens += cap
+            load.max_completion_tokens += cap
