@@ -67,10 +67,11 @@ def connection_cause(message: str) -> str:
     if "dnserror" in text or "name or service not known" in text or "nodename nor" in text \
             or "getaddrinfo" in text or "name resolution" in text:
         return "the host name could not be resolved (DNS)"
-    if "ssl" in text or "certificate" in text or "tls" in text:
-        return "the TLS handshake failed (is it http:// or https://?)"
     if "connect call failed" in text or "connection refused" in text:
         return "the connection was refused (nothing listens on that host and port)"
+    # Not "ssl": aiohttp writes "ssl:default" into every connection error.
+    if "sslerror" in text or "[ssl" in text or "certificate" in text or "tls" in text:
+        return "the TLS handshake failed (is it http:// or https://?)"
     if "reset" in text or "disconnected" in text or "closed" in text:
         return "the server closed the connection without answering"
     return "the connection failed"
