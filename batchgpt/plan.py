@@ -103,7 +103,11 @@ def make_plan(
     ``refuse_changed`` False (``status``): rows that ``on_change: error`` would refuse
     are counted in ``changed_refused`` instead of raising."""
     plan = Plan()
-    adopt = store is not None and store.has_unadopted()
+    # Adopting taken-over results (giving them their row's request hash) writes to the
+    # index, which a read-only look (status, --dry-run) must not do and, on an index opened
+    # read-only, cannot. It changes nothing in the plan: a result without a hash counts as
+    # done for the row's request either way (see Index.unsettled).
+    adopt = store is not None and not store.dry and store.has_unadopted()
     batch: list[ScannedRow] = []
     for scanned in source.scan():
         batch.append(scanned)

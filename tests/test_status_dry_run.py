@@ -145,3 +145,23 @@ def test_nothing_pending_means_no_sample(job: JobFiles, sim: Simulator, cli: Any
     est = json.loads(cli("run", path, "--dry-run", "--json").stdout)
     assert est["sample_request"] is None
     assert "sample request" not in cli("run", path, "--dry-run").output
+
+
+def test_a_taken_over_result_back_in_the_input_is_read_not_written(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """A result taken over from the output for an id not in the input keeps no request
+    hash; when the id comes back, the next plan adopts it. A read-only plan (status, dry
+    run) used to try that write on the read-only index: an internal error, exit 70."""
+    import shutil
+
+    path = job.write(articles(3))
+    assert cli("run", path).exit_code == 0
+    shutil.rmtree(job.output.with_name("job.state"))  # the index is lost
+    write_jsonl(job.input, articles(2))  # and a3 is out of the input when it is rebuilt
+    assert cli("run", path).exit_code == 0
+    write_jsonl(job.input, articles(3))  # a3 is back
+    dry, status = both(cli, path)
+    assert dry == status
+    assert (status["succeeded"], status["pending"]) == (3, 0)
+    assert sim.stats.requests == 3
