@@ -399,7 +399,6 @@ class _Run:
                 self.limiter.pause(decision.pause_s)
             await self._judge(failure, decision)  # may stop the run (the circuit breaker)
             if decision.action is Action.RETRY:
-                self.stats.retries += 1
                 self.waiting_tasks.add(me)
                 if self.stopping.is_set():
                     return
@@ -409,6 +408,7 @@ class _Run:
                       error_code=failure.error_code, status=failure.status,
                       delay_s=round(decision.delay_s, 3))
                 await self.clock.sleep(decision.delay_s)
+                self.stats.retries += 1  # counted when made: a stop cancels the sleep
                 continue
             if decision.action is Action.FAIL_ROW:
                 await self._fail(row, failure, attempt, decision.transient)
@@ -560,7 +560,7 @@ class _Run:
         """The periodic progress line under cron: for people, and as a typed event."""
         event(log, logging.INFO, "progress",
               "progress: %d/%d done, %d failed, %d in flight, %.0f req/min, %.0f tok/min, "
-              "cost %s, ETA %s", f["done"] + f["failed"], f["total"], f["failed"],
+              "cost %s, ETA %s", f["done"], f["total"], f["failed"],
               f["in_flight"], f["rpm"], f["tpm"], _usd(f["cost_usd"]), format_eta(f["eta_s"]),
               job=self.job.job_name, done=f["done"], failed=f["failed"], total=f["total"],
               in_flight=f["in_flight"], rpm=round(f["rpm"], 1), tpm=round(f["tpm"], 1),
@@ -737,7 +737,8 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
 
                 sim = Simulator(options.sandbox_config or SimulatorConfig())
                 sandbox_url = await sim.start()
-                log.info("sandbox: built-in simulator at %s (no API key used)", sandbox_url)
+                event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no API "
+                      "key used)", sandbox_url, job=job.job_name, url=sandbox_url)
             from batchgpt.client import ChatClient
             from batchgpt.credentials import resolve_credentials
 

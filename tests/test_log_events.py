@@ -187,7 +187,7 @@ async def test_progress_every_ten_seconds_with_eta_as_json_and_as_text(
         "in_flight": 8, "rpm": 72.0, "tpm": 0.0, "cost_usd": 0.0, "eta_s": 20.0,
         "elapsed_s": 10.0}
     text = logging.Formatter("%(message)s").format(progress)
-    assert text == ("progress: 4/12 done, 4 failed, 8 in flight, 72 req/min, 0 tok/min, "
+    assert text == ("progress: 0/12 done, 4 failed, 8 in flight, 72 req/min, 0 tok/min, "
                     "cost $0.0000, ETA 20s")
 
     handlers[0](signal.SIGTERM)
