@@ -629,7 +629,8 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         # anything is set aside.
         plan = make_plan(job, source, None if options.fresh else store,
                          retry_failed=options.retry_failed, limit=options.limit)
-        spent_before = 0.0 if options.fresh else _spent_before(job, plan, store)
+        # --fresh sets the earlier results, and what they cost, aside with the job.
+        spent_before = _spent_before(job, plan, None if options.fresh else store)
         if options.dry_run:
             from batchgpt.estimate import estimate, sample_request
 
@@ -660,12 +661,15 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         store.close()
 
 
-def _spent_before(job: JobConfig, plan: Plan, store: Store) -> float:
-    """What the job was charged by earlier runs, which a cap covers too. With a cap, a
-    model with no price anywhere (the job's model, the models input lines name, the
-    models earlier results were billed as) is a ConfigError before anything is sent: its
-    rows could spend past the cap unseen."""
-    spent, unknown_before = price_usage(store.totals().spend_by_model, job.pricing)
+def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
+    """What the job was charged by earlier runs (none without ``store``), which a cap
+    covers too. With a cap, a model with no price anywhere (the job's model, the models
+    input lines name, the models earlier results were billed as) is a ConfigError before
+    anything is sent: its rows could spend past the cap unseen."""
+    spent: float | None = 0.0
+    unknown_before: list[str] = []
+    if store is not None:
+        spent, unknown_before = price_usage(store.totals().spend_by_model, job.pricing)
     if job.limits.max_cost_usd is None:
         return spent or 0.0
     where: dict[str, list[str]] = {}

@@ -297,3 +297,18 @@ def test_the_dry_run_says_what_is_left_of_the_cap(job: JobFiles, sim: Simulator,
     assert est["budget"]["spent_usd"] == pytest.approx(job.summary()["cost_usd"])
     assert est["budget"]["remaining_usd"] == pytest.approx(0.20 - job.summary()["cost_usd"])
     assert "spent by earlier runs" in cli("run", path, "--dry-run").output
+
+
+def test_fresh_starts_the_spend_over_but_still_refuses_an_unpriced_model(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    job.write(articles(9))
+    path = capped(job, 0.20)
+    assert cli("run", path).exit_code == 4
+    assert cli("run", path, "--fresh", "--yes").exit_code == 4  # the earlier spend is set aside
+    assert sim.stats.requests == 8
+    path = capped(job, 0.20, model="mystery-model")
+    result = cli("run", path, "--fresh", "--yes")
+    assert result.exit_code == 1
+    assert "the price of model 'mystery-model' is unknown" in result.output
+    assert sim.stats.requests == 8
