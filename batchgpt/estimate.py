@@ -31,6 +31,9 @@ def estimate(job: JobConfig, plan: Plan) -> dict[str, Any]:
     models = plan.by_model
     priced = list(models) if models else ([job.model] if job.model else [])
     unknown = sorted(m for m in priced if resolve_price(m, job.pricing) is None)
+    if plan.models_overflow:
+        unknown.append(f"({plan.models_overflow:,} rows naming models beyond the first "
+                       f"{len(models):,})")
     low: float | None = None
     high: float | None = None
     if not unknown:

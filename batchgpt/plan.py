@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from batchgpt.store import Store
 
 BATCH = 500
+# Distinct models the plan keeps figures for: a handful in any real input; a hostile one
+# naming a new model on every line must not grow the plan by a million entries.
+MAX_MODELS = 1000
 
 
 def row_check(custom_id: str, request_hash: str) -> int:
@@ -64,6 +67,7 @@ class Plan:
     # The rows to send, by the model they name (the job's, or a Batch API / chat line's
     # own): one entry per distinct model, so an unpriced one is refused before sending.
     by_model: dict[str, ModelLoad] = field(default_factory=dict)
+    models_overflow: int = 0  # rows to send naming a model beyond the first MAX_MODELS
 
     @property
     def to_send(self) -> int:
@@ -185,7 +189,11 @@ def _classify(
         model: str = row.body["model"]  # every valid row names one (source.py checks)
         load = plan.by_model.get(model)
         if load is None:
-            load = plan.by_model[model] = ModelLoad()
+            if len(plan.by_model) >= MAX_MODELS:
+                plan.models_overflow += 1
+                load = ModelLoad()  # counted in the totals only
+            else:
+                load = plan.by_model[model] = ModelLoad()
         load.rows += 1
         load.prompt_tokens += prompt
         if cap is None:

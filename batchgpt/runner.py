@@ -681,6 +681,9 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
         where.setdefault(model, []).append(f"{rows:,} row{'s' if rows != 1 else ''} to send")
     for model in unknown_before:
         where.setdefault(model, []).append("earlier results of this job")
+    if plan.models_overflow:
+        where.setdefault(f"... {plan.models_overflow:,} rows beyond the first "
+                         f"{len(plan.by_model):,} distinct models", []).append("not priced")
     if where:
         if len(where) == 1:
             ((model, places),) = where.items()

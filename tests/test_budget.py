@@ -312,3 +312,28 @@ def test_fresh_starts_the_spend_over_but_still_refuses_an_unpriced_model(
     assert result.exit_code == 1
     assert "the price of model 'mystery-model' is unknown" in result.output
     assert sim.stats.requests == 8
+
+
+def test_an_input_naming_a_new_model_on_every_line_is_not_priced_row_by_row(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan keeps figures for so many distinct models (a hostile input must not grow
+    it by one entry a line); with a cap, rows beyond them are refused as unpriced."""
+    import batchgpt.plan
+
+    monkeypatch.setattr(batchgpt.plan, "MAX_MODELS", 2)
+    lines = [{"id": f"r{i}", "model": "gpt-4o-mini" if i < 3 else f"m{i}",
+              "messages": [{"role": "user", "content": f"{i}."}]} for i in range(6)]
+    write_jsonl(job.input, lines)
+    path = job.write(limits={"max_cost_usd": 5}, pricing={
+        f"m{i}": {"input": 1.0, "output": 1.0} for i in range(3, 6)})
+    result = cli("run", path)
+    assert result.exit_code == 1
+    assert "2 rows beyond the first 2 distinct models" in result.output
+    assert sim.stats.requests == 0
+    # Without a cap, the estimate says it can't price them.
+    path = job.write(limits={"concurrency": 8})
+    est = json.loads(cli("run", path, "--dry-run", "--json").stdout)
+    assert est["models"] == {"gpt-4o-mini": 3, "m3": 1}
+    assert est["unpriced_models"] == ["(2 rows naming models beyond the first 2)"]
+    assert est["cost_usd"] == {"min": None, "max": None}
