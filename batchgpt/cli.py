@@ -23,7 +23,7 @@ import typer
 from batchgpt import __version__
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
-from batchgpt.logs import setup_logging
+from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.runner import RunOptions, run_job
 
 app = typer.Typer(
@@ -158,6 +158,7 @@ def run(
                    err=True)
         raise typer.Exit(ExitCode.ERROR) from None
     job = _load(job_path)
+    bind_job(job.job_name)
     if metrics_file is not None and not dry_run:
         _check_writable_file(metrics_file, "the metrics file")
     if fresh and not yes and not dry_run:
@@ -188,7 +189,10 @@ def run(
         from batchgpt.estimate import render_estimate
 
         if as_json:
-            typer.echo(json.dumps(result.estimate, indent=2))
+            typer.echo(json.dumps(result.estimate, indent=2, ensure_ascii=False))
+        elif log_format == "json":  # stderr carries JSON lines only
+            event(log, logging.INFO, "estimate", "dry run of %s (nothing sent)", job.job_name,
+                  estimate=result.estimate)
         else:
             typer.echo(render_estimate(result.estimate), err=True)
         raise typer.Exit(ExitCode.OK)
@@ -201,10 +205,16 @@ def run(
             log.error("cannot write the metrics file %s: %s", metrics_file, exc.strerror)
     if as_json:
         typer.echo(result.report.to_json().rstrip("\n"))
-    if result.plan.to_send:
+    if log_format == "json":  # the end-of-run table, as data
+        event(log, logging.INFO, "summary", "summary of %s", job.job_name,
+              summary=result.report.model_dump(mode="json"))
+    elif result.plan.to_send:
         sys.stderr.write(result.table + "\n")
         sys.stderr.flush()
-    (log.info if result.exit_code == 0 else log.warning)("%s", result.message)
+    event(log, logging.INFO if result.exit_code == 0 else logging.WARNING, "outcome", "%s",
+          result.message, outcome=result.outcome.value, exit_code=int(result.exit_code),
+          stopped=None if result.report.stopped is None else result.report.stopped.value,
+          output=str(job.output))
     raise typer.Exit(result.exit_code)
 
 

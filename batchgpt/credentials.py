@@ -80,6 +80,23 @@ def resolve_credentials(api: ApiSettings, sandbox_url: str | None) -> tuple[str 
     return base_url, key
 
 
+def sent_no_key(key: str) -> bool:
+    """The run sends the placeholder, not a key: a base URL is set and the key variable
+    is empty (see :func:`resolve_credentials`)."""
+    return key == NO_KEY_REQUIRED
+
+
+def no_key_message(api_key_env: str, url: str) -> str:
+    """What a 401 means when no key was sent. The server's own words ("Incorrect API key
+    provided: sk-***ired") would blame a key the user never set."""
+    return (
+        f"no API key was set: the environment variable {api_key_env} (named by "
+        f"api.api_key_env) is empty or unset, and the server at {url} requires a key "
+        f"(it answered 401). Set {api_key_env} and rerun; nothing more is sent, and "
+        "finished rows are kept."
+    )
+
+
 def key_problem(key: str) -> str | None:
     """What makes ``key`` unsendable as a bearer token, or None. Names a position and a
     kind of character, never a character of the key."""

@@ -24,11 +24,24 @@ if TYPE_CHECKING:
     from batchgpt.store import Store
 
 BATCH = 500
+# Distinct models the plan keeps figures for: a handful in any real input; a hostile one
+# naming a new model on every line must not grow the plan by a million entries.
+MAX_MODELS = 1000
 
 
 def row_check(custom_id: str, request_hash: str) -> int:
     """The plan's fingerprint of a pending row (this process only: Python's str hash)."""
     return hash((custom_id, request_hash))
+
+
+@dataclass
+class ModelLoad:
+    """What the rows to send ask of one model: for pricing the estimate and the budget."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    max_completion_tokens: int = 0  # over the rows that set a cap
+    uncapped: int = 0  # rows that set no max_tokens
 
 
 @dataclass
@@ -52,10 +65,33 @@ class Plan:
     failed_codes: Counter[str] = field(default_factory=Counter)  # of the failed_kept rows
     with_result: int = 0  # rows with a result in the output (for this request or another)
     failed_deferred: int = 0  # of the deferred rows, those still failed (in the failures file)
+    # The rows to send, by the model they name (the job's, or a Batch API / chat line's
+    # own): one entry per distinct model, so an unpriced one is refused before sending.
+    by_model: dict[str, ModelLoad] = field(default_factory=dict)
+    models_overflow: int = 0  # rows to send naming a model beyond the first MAX_MODELS
 
     @property
     def to_send(self) -> int:
         return len(self.offsets)
+
+    def requests(self) -> dict[str, int]:
+        """The input's rows by state, as ``status`` and ``--dry-run`` both report them
+        (and as a run's summary counts them before it sends anything): ``succeeded`` for
+        their current request (or kept by ``on_change: keep``), ``failed`` (for their
+        current request; ``retryable`` of them the next run sends again), ``pending``
+        (never answered for their current request), of which ``changed``: rows whose
+        request changed since their result or failure."""
+        failed = self.failed_kept + self.retrying
+        return {
+            "total": self.rows,
+            "succeeded": self.done,
+            "failed": failed,
+            "pending": self.rows - self.done - failed,
+            "changed": self.changed + self.changed_refused,
+            "changed_kept": self.changed_kept,
+            "retryable": self.retrying,
+            "to_send": self.to_send,
+        }
 
     def pending(self) -> Iterator[tuple[int, int, int]]:
         """(offset, line, check) of each row to send, in file order."""
@@ -64,13 +100,19 @@ class Plan:
 
 def make_plan(
     job: JobConfig, source: InputFile, store: Store | None, *, retry_failed: bool,
-    limit: int | None,
+    limit: int | None, refuse_changed: bool = True,
 ) -> Plan:
     """Raises InputError (every bad line) before returning anything, so a file with a
     problem anywhere sends nothing. ``store`` None: plan as if nothing was ever done
-    (--fresh validates the input this way before setting the old results aside)."""
+    (--fresh validates the input this way before setting the old results aside).
+    ``refuse_changed`` False (``status``): rows that ``on_change: error`` would refuse
+    are counted in ``changed_refused`` instead of raising."""
     plan = Plan()
-    adopt = store is not None and store.has_unadopted()
+    # Adopting taken-over results (giving them their row's request hash) writes to the
+    # index, which a read-only look (status, --dry-run) must not do and, on an index opened
+    # read-only, cannot. It changes nothing in the plan: a result without a hash counts as
+    # done for the row's request either way (see Index.unsettled).
+    adopt = store is not None and not store.dry and store.has_unadopted()
     batch: list[ScannedRow] = []
     for scanned in source.scan():
         batch.append(scanned)
@@ -79,7 +121,7 @@ def make_plan(
             batch = []
     if batch:
         _classify(job, store, batch, plan, retry_failed, limit, adopt)
-    if plan.changed_refused:
+    if plan.changed_refused and refuse_changed:
         raise ConfigError(
             f"{plan.changed_refused} rows changed since their result was written "
             f"(e.g. {', '.join(plan.changed_examples)}), and the job says on_change: error. "
@@ -143,9 +185,22 @@ def _classify(
         plan.offsets.append(scanned.offset)
         plan.lines.append(scanned.line)
         plan.checks.append(row_check(scanned.custom_id, scanned.request_hash))
-        plan.prompt_tokens += row.prompt_tokens
+        prompt = row.prompt_tokens
+        plan.prompt_tokens += prompt
         cap = row.max_output_tokens
+        model: str = row.body["model"]  # every valid row names one (source.py checks)
+        load = plan.by_model.get(model)
+        if load is None:
+            if len(plan.by_model) >= MAX_MODELS:
+                plan.models_overflow += 1
+                load = ModelLoad()  # counted in the totals only
+            else:
+                load = plan.by_model[model] = ModelLoad()
+        load.rows += 1
+        load.prompt_tokens += prompt
         if cap is None:
             plan.uncapped += 1
+            load.uncapped += 1
         else:
             plan.max_completion_tokens += cap
+            load.max_completion_tokens += cap

@@ -14,24 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
+from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
 from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
-from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge
+from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
 from batchgpt.limiter import RateLimiter
+from batchgpt.logs import event
 from batchgpt.plan import Plan, make_plan, row_check
 from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
-from batchgpt.report import RunStats, build_summary, render_table, write_summary
-from batchgpt.retry import Action, Failure, Kind, decide
+from batchgpt.report import RunStats, build_summary, price_usage, render_table, write_summary
+from batchgpt.retry import Action, Decision, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso
 from batchgpt.store.output_log import line_id
@@ -72,6 +78,11 @@ class RunOptions:
 
 @dataclass
 class RunResult:
+    """What a run (or a dry run) did, and where its results are.
+
+    ``output`` is the job's output file and ``results()`` reads it back: library callers
+    need not know the job file's layout to get at what they paid for."""
+
     outcome: Outcome
     exit_code: int
     report: Summary | None  # the summary, typed (None for a dry run)
@@ -80,11 +91,48 @@ class RunResult:
     table: str = ""
     estimate: dict[str, Any] = field(default_factory=dict)
     set_aside: list[tuple[Path, Path]] = field(default_factory=list)
+    output: Path | None = None  # the job's output (the results), whether or not it exists
+    failures_file: Path | None = None  # the job's failures file
 
     @property
     def summary(self) -> dict[str, Any]:
         """The summary as the summary file holds it (JSON types), {} for a dry run."""
         return {} if self.report is None else self.report.model_dump(mode="json")
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        """Every result of the job (this run's and earlier runs'), one parsed output line
+        at a time, in the order they were written (completion order, not input order:
+        match them by ``custom_id``). Streams: a million results in flat memory.
+
+        The output holds one line per succeeded row once a run has ended (a result that
+        replaced an older one is compacted in at the run's end). Reading it while a run
+        of the same job is going sees the results written so far."""
+        return _read_lines(self.output)
+
+    def failures(self) -> Iterator[dict[str, Any]]:
+        """The failures file, one parsed line per failed row, like :meth:`results`."""
+        return _read_lines(self.failures_file)
+
+
+def _read_lines(path: Path | None) -> Iterator[dict[str, Any]]:
+    if path is None:
+        return
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = None
+            if not isinstance(line, dict):
+                raise StateError(f"{path}:{number}: not a result line; the next run of the job "
+                                 "sets such lines aside and repairs the file")
+            yield line
 
 
 class Slots:
@@ -118,7 +166,7 @@ class _Run:
     """State of one run; the methods are the pipeline's stages."""
 
     def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                 source: InputFile, clock: Clock) -> None:
+                 source: InputFile, clock: Clock, spent_before: float = 0.0) -> None:
         self.job = job
         self.options = options
         self.store = store
@@ -139,9 +187,13 @@ class _Run:
         self.waiting_tasks: set[asyncio.Task[None]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.latency_ema: float | None = None
-        self.spent = 0.0
-        self.reserved = 0.0
+        self.budget = Budget(lim.max_cost_usd, spent_before)
+        self.settled = asyncio.Event()  # a reservation came back: the dispatcher may retry
+        self.breaker = CircuitBreaker(threshold_for(self.cap))
+        self.breaker_gate = asyncio.Condition()  # attempts held back while it decides
         self.client: ChatClient | None = None
+        self.base_url = ""  # where requests go, for messages
+        self.sent_no_key = False  # a base URL and an empty key variable: a placeholder
         self.redact = Redactor([os.environ.get(job.api.api_key_env)])
         self.warned_usage = False
 
@@ -181,8 +233,10 @@ class _Run:
     def request_stop(self, reason: StopReason, message: str, exit_code: int) -> None:
         if self.stop_reason is None:
             self.stop_reason, self.stop_message, self.stop_exit = reason, message, exit_code
-            log.warning("stopping: %s", message)
+            event(log, logging.WARNING, "stopping", "stopping: %s", message,
+                  job=self.job.job_name, reason=reason.value, exit_code=int(exit_code))
         self.stopping.set()
+        self.settled.set()  # a dispatcher waiting for the budget must see the stop
         for task in list(self.waiting_tasks):  # not on the wire: nothing to wait for
             task.cancel()
 
@@ -203,31 +257,34 @@ class _Run:
         )
 
     # -- budget -------------------------------------------------------------------------
-    def _max_cost(self, row: Row) -> float | None:
-        price = resolve_price(row.body.get("model", ""), self.job.pricing)
-        if price is None:
-            return None
-        cap = row.max_output_tokens
-        out = cap if cap is not None else DEFAULT_OUTPUT_RESERVE
-        return cost_usd(Usage(prompt_tokens=row.prompt_tokens, completion_tokens=out,
-                              total_tokens=row.prompt_tokens + out), price)
-
-    def _admit_budget(self, row: Row) -> float | None:
-        """Reserve the most this row may cost; None when the budget says stop."""
-        cap = self.job.limits.max_cost_usd
-        if cap is None:
-            return 0.0
-        worst = self._max_cost(row) or 0.0
-        if self.spent + self.reserved + worst > cap:
-            self.request_stop(
-                StopReason.BUDGET,
-                f"budget: ${self.spent:.4f} spent and ${self.reserved:.4f} in flight; the next "
-                f"row could cost up to ${worst:.4f}, over limits.max_cost_usd ${cap:g}",
-                ExitCode.BUDGET,
-            )
-            return None
-        self.reserved += worst
-        return worst
+    async def _admit(self, row: Row) -> Reservation | None:
+        """Reserve the most this row may cost, waiting for rows in flight to settle while
+        it doesn't fit; None when the budget says stop (or the run stops meanwhile). See
+        :class:`~batchgpt.budget.Budget` for the algorithm."""
+        # None only for a model with no price, which a capped job refused before starting.
+        worst = worst_case(row.body["model"], row.prompt_tokens, row.max_output_tokens,
+                           self.job.pricing) or 0.0
+        budget = self.budget
+        while not self.stopping.is_set():
+            verdict, reservation = budget.admit(worst)
+            if verdict is Verdict.ADMIT:
+                return reservation
+            if verdict is Verdict.REFUSE:
+                left = budget.remaining or 0.0
+                this_run = _usd(budget.spent_this_run)
+                self.request_stop(
+                    StopReason.BUDGET,
+                    f"budget: the job has spent {_usd(budget.spent)} of limits.max_cost_usd "
+                    f"${self.job.limits.max_cost_usd:g} over its runs ({this_run} "
+                    f"this run); the next row ({row.custom_id}) could cost up to {_usd(worst)}, "
+                    f"more than the {_usd(max(0.0, left))} left. Rerun with a higher cap to "
+                    "continue",
+                    ExitCode.BUDGET,
+                )
+                return None
+            self.settled.clear()
+            await self.settled.wait()
+        return None
 
     # -- the pipeline -------------------------------------------------------------------
     def pending_rows(self) -> Iterator[Row]:
@@ -260,21 +317,21 @@ class _Run:
             if self.stopping.is_set():
                 await self.slots.release()
                 break
-            reserved = self._admit_budget(row)
-            if reserved is None:
+            reservation = await self._admit(row)
+            if reservation is None:
                 await self.slots.release()
                 break
-            task = asyncio.create_task(self.work(row, reserved))
+            task = asyncio.create_task(self.work(row, reservation))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if self.tasks:
             await asyncio.wait(set(self.tasks))
 
-    async def work(self, row: Row, reserved: float) -> None:
+    async def work(self, row: Row, reservation: Reservation) -> None:
         me = asyncio.current_task()
         assert me is not None
         try:
-            await self._attempts(row, me)
+            await self._attempts(row, me, reservation)
         except asyncio.CancelledError:
             pass  # the row stays pending: the next run sends it
         except BatchGPTError as exc:  # a result could not be written: disk full, ...
@@ -283,7 +340,8 @@ class _Run:
             self._internal_error(exc, row)
         finally:
             self.waiting_tasks.discard(me)
-            self.reserved -= reserved
+            self.budget.release(reservation)  # no reply: nothing billed (no-op once settled)
+            self.settled.set()
             await self.slots.release()
 
     def _internal_error(self, exc: Exception, row: Row) -> None:
@@ -301,7 +359,8 @@ class _Run:
             ExitCode.SOFTWARE,
         )
 
-    async def _attempts(self, row: Row, me: asyncio.Task[None]) -> None:
+    async def _attempts(self, row: Row, me: asyncio.Task[None],
+                        reservation: Reservation) -> None:
         assert self.client is not None
         policy = self.job.retry
         attempt = 0
@@ -310,10 +369,12 @@ class _Run:
             self.waiting_tasks.add(me)
             if self.stopping.is_set():
                 return
+            await self._pass_breaker()
             try:
                 await self.limiter.acquire(row.cost)
             except RequestTooLarge as exc:
                 self.waiting_tasks.discard(me)
+                await self._breaker_withdraw()
                 await self._fail(row, Failure(Kind.TOO_LARGE, str(exc)), attempt - 1, False)
                 return
             if self.stopping.is_set():
@@ -324,7 +385,8 @@ class _Run:
             self.stats.add_latency(result.latency_s)
             self._observe(result)
             if result.success is not None:
-                await self._succeed(row, result, attempt)
+                await self._judge(None, None)
+                await self._succeed(row, result, attempt, reservation)
                 return
             failure = result.failure
             assert failure is not None
@@ -336,31 +398,98 @@ class _Run:
                 self.limiter.slow_down()
             if decision.pause_s:
                 self.limiter.pause(decision.pause_s)
+            await self._judge(failure, decision)  # may stop the run (the circuit breaker)
             if decision.action is Action.RETRY:
-                self.stats.retries += 1
                 self.waiting_tasks.add(me)
                 if self.stopping.is_set():
                     return
+                event(log, logging.DEBUG, "retry", "row %s: attempt %d failed (%s); retrying "
+                      "in %.2fs", row.custom_id, attempt, failure.error_code, decision.delay_s,
+                      job=self.job.job_name, row=row.custom_id, attempt=attempt,
+                      error_code=failure.error_code, status=failure.status,
+                      delay_s=round(decision.delay_s, 3))
                 await self.clock.sleep(decision.delay_s)
+                self.stats.retries += 1  # counted when made: a stop cancels the sleep
                 continue
             if decision.action is Action.FAIL_ROW:
                 await self._fail(row, failure, attempt, decision.transient)
                 return
             reason = _STOP_REASONS.get(decision.reason, StopReason.RATE_LIMIT)
-            self.request_stop(reason, _stop_message(decision.reason, failure), ExitCode.ERROR)
+            self.request_stop(reason, self._stop_message(decision.reason, failure),
+                              ExitCode.ERROR)
             return
+
+    # -- circuit breaker ----------------------------------------------------------------
+    async def _pass_breaker(self) -> None:
+        """Wait while the breaker holds attempts back (it is deciding), then count this
+        one as started."""
+        breaker = self.breaker
+        if not breaker.may_start():
+            async with self.breaker_gate:
+                await self.breaker_gate.wait_for(breaker.may_start)
+        breaker.started()
+
+    async def _breaker_withdraw(self) -> None:
+        self.breaker.withdraw()
+        async with self.breaker_gate:
+            self.breaker_gate.notify_all()
+
+    async def _judge(self, failure: Failure | None, decision: Decision | None) -> None:
+        """Feed one attempt's outcome to the breaker; stop the run if it trips."""
+        breaker = self.breaker
+        if breaker.state is not State.ARMED:
+            return
+        stops = decision is not None and decision.action is Action.STOP_RUN
+        if breaker.record(assess(failure, stops)):
+            self.request_stop(StopReason.CIRCUIT_BREAKER, self._breaker_message(decision),
+                              ExitCode.ERROR)
+        async with self.breaker_gate:
+            self.breaker_gate.notify_all()
+
+    def _breaker_message(self, decision: Decision | None) -> str:
+        breaker = self.breaker
+        first = breaker.counted[0].signature
+        if first.startswith("connection:"):
+            check = "check api.base_url and that the server is up"
+        elif first.startswith("http:4"):
+            check = "check the job's model and params (and api.base_url)"
+        else:
+            check = "check the server, or the proxy in front of it"
+        cause = breaker.cause.rstrip(". ")
+        if len(cause) > 500:
+            cause = cause[:499] + "…"
+        message = (f"the first {breaker.threshold} requests to {self.base_url} all failed the "
+                   f"same way, and none succeeded: {cause}. Nothing more is sent; {check}, "
+                   "then rerun")
+        if decision is not None and decision.action is Action.FAIL_ROW:
+            message += (" (the rows that got this answer are in the failures file: a rerun "
+                        "sends them again if their request changed, or with --retry-failed)")
+        return self.redact.text(message)
+
+    def _stop_message(self, reason: str, failure: Failure) -> str:
+        if reason == "authentication" and self.sent_no_key:
+            from batchgpt.credentials import no_key_message
+
+            return no_key_message(self.job.api.api_key_env, self.base_url)
+        return _stop_message(reason, failure)
 
     def _observe(self, result: Attempt) -> None:
         self.limiter.observe(result.headers)
         lat = result.latency_s
         self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
 
-    async def _succeed(self, row: Row, result: Attempt, attempts: int) -> None:
+    async def _succeed(self, row: Row, result: Attempt, attempts: int,
+                       reservation: Reservation) -> None:
         success = result.success
         assert success is not None
         body = success.body
         echoed = body.get("model")
-        model: str = echoed if isinstance(echoed, str) else row.body["model"]
+        requested: str = row.body["model"]
+        # The model the reply is billed as (the index's spend, the summary's cost, the
+        # budget): the server's name for it, or the requested one when the server answers
+        # with an alias that has no price. The output line keeps what the server said.
+        model = billed_model(echoed if isinstance(echoed, str) else requested, requested,
+                             self.job.pricing)
         usage, dropped = Usage.parse_response(body.get("usage"))
         if dropped and not self.warned_usage:
             self.warned_usage = True
@@ -379,17 +508,16 @@ class _Run:
             await writer.put_result(row.custom_id, row.request_hash, line, attempts, model,
                                     usage)
         except IndexFailed:
-            self._count_success(model, usage)  # in the output, kept, taken over next run
+            # In the output, kept, taken over by the next run: paid, and counted as such.
+            self._count_success(model, usage, reservation)
             raise
         self.limiter.record_success()
-        self._count_success(model, usage)
+        self._count_success(model, usage, reservation)
 
-    def _count_success(self, model: str, usage: Usage) -> None:
+    def _count_success(self, model: str, usage: Usage, reservation: Reservation) -> None:
         self.stats.succeeded += 1
         self.stats.add_usage(model, usage)
-        cost = cost_usd(usage, resolve_price(model, self.job.pricing))
-        if cost is not None:
-            self.spent += cost
+        self.budget.settle(reservation, cost_usd(usage, resolve_price(model, self.job.pricing)))
 
     async def _fail(self, row: Row, failure: Failure, attempts: int, transient: bool) -> None:
         response = None
@@ -417,7 +545,10 @@ class _Run:
         self.stats.failed_codes[failure.error_code] += 1
         if transient:
             self.stats.failed_retryable += 1
-        log.debug("row %s failed: %s (%s)", row.custom_id, failure.error_code, failure.message)
+        event(log, logging.DEBUG, "row_failed", "row %s failed: %s (%s)", row.custom_id,
+              failure.error_code, failure.message, job=self.job.job_name, row=row.custom_id,
+              error_code=failure.error_code, status=failure.status, attempts=attempts,
+              retryable=transient)
 
     async def housekeeping(self, total: int, started: float) -> None:
         """Resize concurrency to what the limits need, and report progress."""
@@ -433,22 +564,32 @@ class _Run:
                 self.options.progress(figures)
             elif now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
-                log.info(
-                    "progress: %d/%d done, %d failed, %d in flight, %.0f req/min, cost %s",
-                    figures["done"], total, figures["failed"], figures["in_flight"],
-                    figures["rpm"], "?" if figures["cost_usd"] is None
-                    else f"${figures['cost_usd']:.4f}",
-                )
+                self.log_progress(figures)
+
+    def log_progress(self, f: dict[str, Any]) -> None:
+        """The periodic progress line under cron: for people, and as a typed event."""
+        event(log, logging.INFO, "progress",
+              "progress: %d/%d done, %d failed, %d in flight, %.0f req/min, %.0f tok/min, "
+              "cost %s, ETA %s", f["done"], f["total"], f["failed"],
+              f["in_flight"], f["rpm"], f["tpm"], _usd(f["cost_usd"]), format_eta(f["eta_s"]),
+              job=self.job.job_name, done=f["done"], failed=f["failed"], total=f["total"],
+              in_flight=f["in_flight"], rpm=round(f["rpm"], 1), tpm=round(f["tpm"], 1),
+              cost_usd=f["cost_usd"], eta_s=None if f["eta_s"] is None else round(f["eta_s"], 1),
+              elapsed_s=round(f["elapsed_s"], 3), limit_rpm=f["limit_rpm"],
+              limit_tpm=f["limit_tpm"])
 
     def figures(self, total: int, started: float) -> dict[str, Any]:
+        """This run's live figures: ``done`` rows succeeded and ``failed`` rows failed of
+        the ``total`` to send, requests in flight, achieved rates, spend, ETA."""
         elapsed = max(1e-6, self.clock.monotonic() - started)
         usage = self.stats.usage
+        done, failed = self.stats.succeeded, self.stats.failed
         return {
-            "done": self.stats.succeeded, "failed": self.stats.failed, "total": total,
+            "done": done, "failed": failed, "total": total,
             "in_flight": self.slots.in_use, "rpm": self.stats.sent * 60 / elapsed,
-            "tpm": usage.total_tokens * 60 / elapsed, "cost_usd": self.spent,
+            "tpm": usage.total_tokens * 60 / elapsed, "cost_usd": self.budget.spent_this_run,
             "limit_rpm": self.limiter.effective_rpm, "limit_tpm": self.limiter.effective_tpm,
-            "elapsed_s": elapsed,
+            "elapsed_s": elapsed, "eta_s": eta_s(done + failed, total, elapsed),
         }
 
 
@@ -459,6 +600,14 @@ _STOP_REASONS = {
     "model not found": StopReason.MODEL_NOT_FOUND,
     "invalid URL": StopReason.INVALID_URL,
 }
+
+
+def _usd(value: float | None) -> str:
+    """Money in messages: four decimals, six below a cent (a $0.005 cap is common in
+    smoke tests, and "$0.0000 left" would say nothing)."""
+    if value is None:
+        return "?"
+    return f"${value:,.4f}" if abs(value) >= 0.01 or value == 0 else f"${value:.6f}"
 
 
 def _stop_message(reason: str, failure: Failure) -> str:
@@ -490,15 +639,22 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         # anything is set aside.
         plan = make_plan(job, source, None if options.fresh else store,
                          retry_failed=options.retry_failed, limit=options.limit)
+        # --fresh sets the earlier results, and what they cost, aside with the job.
+        spent_before = _spent_before(job, plan, None if options.fresh else store)
         if options.dry_run:
-            from batchgpt.estimate import estimate
+            from batchgpt.estimate import estimate, sample_request
 
             est = estimate(job, plan)
+            if job.limits.max_cost_usd is not None:
+                est["budget"] = {
+                    "max_cost_usd": job.limits.max_cost_usd, "spent_usd": spent_before,
+                    "remaining_usd": max(0.0, job.limits.max_cost_usd - spent_before)}
+            est.update(sample_request(plan, source))
             if options.fresh:
                 est["would_set_aside"] = {str(src): str(dst)
                                           for src, dst in store.previous_files()}
-            return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est)
-        _check_budget_prices(job)
+            return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est,
+                             output=Path(job.output), failures_file=job.failures_path)
         if plan.to_send and not options.sandbox:
             from batchgpt.credentials import resolve_credentials
 
@@ -508,29 +664,57 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
             moved = store.set_aside_previous()
             for src, dst in moved:
                 log.info("--fresh: moved %s to %s", src, dst)
-        result = await _execute(job, options, store, plan, source)
+        result = await _execute(job, options, store, plan, source, spent_before)
         result.set_aside = moved
         return result
     finally:
         store.close()
 
 
-def _check_budget_prices(job: JobConfig) -> None:
-    if job.limits.max_cost_usd is not None and job.model and resolve_price(
-        job.model, job.pricing
-    ) is None:
+def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
+    """What the job was charged by earlier runs (none without ``store``), which a cap
+    covers too. With a cap, a model with no price anywhere (the job's model, the models
+    input lines name, the models earlier results were billed as) is a ConfigError before
+    anything is sent: its rows could spend past the cap unseen."""
+    spent: float | None = 0.0
+    unknown_before: list[str] = []
+    if store is not None:
+        spent, unknown_before = price_usage(store.totals().spend_by_model, job.pricing)
+    if job.limits.max_cost_usd is None:
+        return spent or 0.0
+    where: dict[str, list[str]] = {}
+    if job.model:
+        for model in unpriced([job.model], job.pricing):
+            where.setdefault(model, []).append("the job's model")
+    for model in unpriced(plan.by_model, job.pricing):
+        rows = plan.by_model[model].rows
+        where.setdefault(model, []).append(f"{rows:,} row{'s' if rows != 1 else ''} to send")
+    for model in unknown_before:
+        where.setdefault(model, []).append("earlier results of this job")
+    if plan.models_overflow:
+        where.setdefault(f"... {plan.models_overflow:,} rows beyond the first "
+                         f"{len(plan.by_model):,} distinct models", []).append("not priced")
+    if where:
+        if len(where) == 1:
+            ((model, places),) = where.items()
+            what = f"the price of model '{model}' is unknown ({', '.join(places)})"
+        else:
+            what = "the prices of models " + ", ".join(
+                f"'{m}' ({', '.join(w)})" for m, w in sorted(where.items())) + " are unknown"
         raise ConfigError(
-            f"limits.max_cost_usd is set but the price of model '{job.model}' is unknown: "
-            "add it under `pricing:` in the job file"
+            f"limits.max_cost_usd is set but {what}, so the cap could not be kept: add "
+            f"{'it' if len(where) == 1 else 'them'} under `pricing:` in the job file (USD per "
+            "1M tokens: input, output), or remove the cap. Nothing was sent."
         )
+    return spent or 0.0
 
 
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                   source: InputFile) -> RunResult:
+                   source: InputFile, spent_before: float = 0.0) -> RunResult:
     clock = options.clock or SystemClock()
     started_at = now_iso()
     t0 = clock.monotonic()
-    run = _Run(job, options, store, plan, source, clock)
+    run = _Run(job, options, store, plan, source, clock, spent_before)
     store.start_run()
     describe = (f"{plan.rows} rows: {plan.done} done before, {plan.to_send} to send "
                 f"({plan.new} new, {plan.retrying} retried, {plan.changed} changed since their "
@@ -541,7 +725,22 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
         describe += f", {plan.deferred} left for later (--limit)"
     if plan.changed_kept:
         describe += f"; {plan.changed_kept} changed but kept (on_change: keep)"
-    log.info("%s: %s", job.job_name, describe)
+    event(log, logging.INFO, "plan", "%s: %s", job.job_name, describe, job=job.job_name,
+          rows=plan.rows, done=plan.done, to_send=plan.to_send, new=plan.new,
+          retried=plan.retrying, changed=plan.changed, changed_kept=plan.changed_kept,
+          failed_kept=plan.failed_kept, deferred=plan.deferred)
+    cap = job.limits.max_cost_usd
+    if cap is not None and plan.to_send:
+        event(log, logging.INFO, "budget", "budget: %s of limits.max_cost_usd $%g spent by "
+              "earlier runs; %s left", _usd(spent_before), cap,
+              _usd(max(0.0, cap - spent_before)), job=job.job_name, max_cost_usd=cap,
+              spent_usd=spent_before, remaining_usd=max(0.0, cap - spent_before),
+              rows_without_max_tokens=plan.uncapped)
+        if plan.uncapped:
+            log.warning("budget: %d rows set no max_tokens; each is reserved at %d output "
+                        "tokens, and one that writes more can take the spend past the cap "
+                        "by the difference. Set max_tokens to make the cap exact",
+                        plan.uncapped, DEFAULT_OUTPUT_RESERVE)
 
     sim = None
     loop = asyncio.get_running_loop()
@@ -555,11 +754,16 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
 
                 sim = Simulator(options.sandbox_config or SimulatorConfig())
                 sandbox_url = await sim.start()
-                log.info("sandbox: built-in simulator at %s (no API key used)", sandbox_url)
+                event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no API "
+                      "key used)", sandbox_url, job=job.job_name, url=sandbox_url)
             from batchgpt.client import ChatClient
             from batchgpt.credentials import resolve_credentials
 
             base_url, key = resolve_credentials(job.api, sandbox_url)
+            from batchgpt.credentials import OPENAI_BASE_URL, sent_no_key
+
+            run.base_url = base_url or OPENAI_BASE_URL
+            run.sent_no_key = sent_no_key(key)
             run.redact = run.redact.with_secrets(key)
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
                                     max_connections=run.cap, organization=job.api.organization,
@@ -647,7 +851,8 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
     else:
         outcome_line = _outcome_line(summary)
     return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
-                     table=render_table(summary))
+                     table=render_table(summary), output=Path(job.output),
+                     failures_file=job.failures_path)
 
 
 async def _wait_with_grace(run: _Run, dispatch: asyncio.Task[None], grace_s: float) -> None:
@@ -700,10 +905,23 @@ def _outcome_line(summary: Summary) -> str:
 
 def run_job_sync(job: JobConfig | str | os.PathLike[str], options: RunOptions | None = None,
                  ) -> RunResult:
-    """``run_job`` for callers without an event loop."""
+    """``run_job`` for synchronous callers, with or without a running event loop.
+
+    Without one (a script), the run gets its own loop (``asyncio.run``). Inside one (a
+    Jupyter cell, an async framework), ``asyncio.run`` would refuse, so the run goes to a
+    worker thread with a loop of its own and this call waits for it; the caller's loop
+    is blocked meanwhile, as by any synchronous call. ``await run_job(...)`` keeps it
+    free. Signal handlers are never installed from the worker thread (only the main
+    thread may), so ``handle_signals`` has no effect there."""
     if not isinstance(job, JobConfig):
         job = JobConfig.load(Path(job))
-    return asyncio.run(run_job(job, options))
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_job(job, options))
+    loaded = job
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgpt-run") as pool:
+        return pool.submit(lambda: asyncio.run(run_job(loaded, options))).result()
 
 
 __all__ = ["BatchGPTError", "RunOptions", "RunResult", "run_job", "run_job_sync"]

@@ -1,5 +1,11 @@
 """``batchgpt status``: what a job has done, read from its state only — no network, no
-lock taken, safe while a run is going."""
+lock taken, safe while a run is going.
+
+The rows are counted by the same plan a run (and ``--dry-run``) makes: the whole input
+validated and matched against the index, read-only. So status and a dry run agree on
+every number, rows whose request changed since their result included, and a status of a
+million-row job costs what planning it costs (a dry run), not a line count that can't
+tell a changed row from a done one."""
 
 from __future__ import annotations
 
@@ -7,19 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from batchgpt.config import JobConfig
-from batchgpt.files import open_regular
+from batchgpt.errors import InputError
+from batchgpt.plan import Plan, make_plan
 from batchgpt.pricing import Usage
 from batchgpt.report import price_usage
+from batchgpt.source import InputFile
 from batchgpt.store import JobLock, Store
 from batchgpt.summary import Summary
 
-
-def _count_input_lines(job: JobConfig) -> int | None:
-    try:
-        with open_regular(job.input) as fh:  # never a FIFO: status must not block or drain it
-            return sum(1 for line in fh if line.strip())
-    except OSError:
-        return None
+MAX_PROBLEMS_SHOWN = 5
 
 
 def _last_run(store: Store) -> dict[str, Any] | None:
@@ -46,16 +48,21 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         "output": str(job.output),
         "state": str(job.state_dir),
         "locked_by": JobLock.holder(job.state_dir) if job.state_dir.exists() else None,
+        "started": job.state_dir.exists() or Path(job.output).exists(),
     }
-    rows = _count_input_lines(job)
-    if not job.state_dir.exists() and not Path(job.output).exists():
-        info.update(started=False, requests={"total": rows, "succeeded": 0, "failed": 0,
-                                             "pending": rows},
-                    failed_by_code={}, usage=None, cost_usd=None, last_run=None)
-        return info
     store = Store(job)
     store.open_readonly()
+    problems: list[str] = []
+    plan: Plan | None = None
     try:
+        try:
+            plan = make_plan(job, InputFile(job), store, retry_failed=False, limit=None,
+                             refuse_changed=False)
+        except InputError as exc:  # still show what the index knows
+            problems = [str(p) for p in exc.problems[:MAX_PROBLEMS_SHOWN]]
+            if len(exc.problems) + exc.more > MAX_PROBLEMS_SHOWN:
+                problems.append(f"… {len(exc.problems) + exc.more - MAX_PROBLEMS_SHOWN} more "
+                                "(run --dry-run to see them)")
         totals = store.totals()
         codes = store.failure_codes()
         last = _last_run(store)
@@ -63,11 +70,16 @@ def job_status(job: JobConfig) -> dict[str, Any]:
     finally:
         store.close()
     cost, unknown = price_usage(totals.spend_by_model, job.pricing)
-    pending = None if rows is None else max(0, rows - totals.results - totals.failures)
+    if plan is not None:
+        requests: dict[str, Any] = plan.requests()
+        requests["not_in_input"] = max(0, totals.results - plan.with_result)
+    else:  # the input can't be read: what the index holds, nothing about the input
+        requests = {"total": None, "succeeded": totals.results, "failed": totals.failures,
+                    "pending": None, "changed": None}
     info.update(
-        started=True,
-        requests={"total": rows, "succeeded": totals.results, "failed": totals.failures,
-                  "pending": pending},
+        requests=requests,
+        input_problems=problems,
+        on_change=job.on_change,
         failed_by_code=codes,
         usage=sum(totals.spend_by_model.values(), Usage()).model_dump(),
         cost_usd=cost,
@@ -79,18 +91,37 @@ def job_status(job: JobConfig) -> dict[str, Any]:
     return info
 
 
+def _n(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
 def render_status(info: dict[str, Any]) -> str:
     req = info["requests"]
     lines = [f"job {info['job']}  (output {info['output']})"]
+    for problem in info["input_problems"]:
+        lines.append(f"  input problem: {problem}")
     if not info["started"]:
-        lines.append(f"  not started: {req['total']} rows pending")
+        lines.append(f"  not started: {_n(req['total'])} rows pending")
         return "\n".join(lines)
-    lines.append(f"  succeeded  {req['succeeded']:,}")
-    failed = f"  failed     {req['failed']:,}"
+    lines.append(f"  rows       {_n(req['total'])}")
+    lines.append(f"  succeeded  {_n(req['succeeded'])}"
+                 + (f"  ({req['changed_kept']:,} changed but kept: on_change: keep)"
+                    if req.get("changed_kept") else ""))
+    failed = f"  failed     {_n(req['failed'])}"
     if info["failed_by_code"]:
         failed += "  (" + ", ".join(f"{k} {v}" for k, v in info["failed_by_code"].items()) + ")"
+    if req.get("retryable"):
+        failed += f"; {req['retryable']:,} may pass: the next run sends them again"
     lines.append(failed)
-    lines.append(f"  pending    {req['pending'] if req['pending'] is not None else '?'}")
+    lines.append(f"  pending    {_n(req['pending'])}")
+    if req.get("changed"):
+        what = ("the next run refuses to start (on_change: error)"
+                if info["on_change"] == "error" else "the next run sends them again")
+        lines.append(f"  changed    {req['changed']:,} of them: their request changed since "
+                     f"their result; {what}")
+    if req.get("not_in_input"):
+        lines.append(f"  {req['not_in_input']:,} results are for ids no longer in the input "
+                     "(kept)")
     u = info["usage"]
     lines.append(f"  tokens     {u['prompt_tokens']:,} prompt + {u['completion_tokens']:,} "
                  f"completion = {u['total_tokens']:,}")

@@ -41,6 +41,7 @@ class StopReason(str, enum.Enum):
     RATE_LIMIT = "rate limit"  # a hint too long to wait out inside a run
     STORAGE = "storage"  # a result could not be written
     INPUT_CHANGED = "input changed"  # the input was rewritten during the run
+    CIRCUIT_BREAKER = "circuit breaker"  # the first attempts all failed the same way
     INTERNAL_ERROR = "internal error"
     INCOMPLETE = "incomplete"  # rows left unresolved without another reason (a bug guard)
 

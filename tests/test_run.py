@@ -187,7 +187,9 @@ def test_status_reads_state_without_network(job: JobFiles, sim: Simulator, cli: 
     result = cli("status", path, "--json")
     assert result.exit_code == 0
     info = json.loads(result.stdout)
-    assert info["requests"] == {"total": 5, "succeeded": 2, "failed": 1, "pending": 2}
+    assert info["requests"] == {"total": 5, "succeeded": 2, "failed": 1, "pending": 2,
+                                "changed": 0, "changed_kept": 0, "retryable": 0,
+                                "to_send": 2, "not_in_input": 0}
     assert info["failed_by_code"] == {"context_length_exceeded": 1}
     assert info["last_run"]["outcome"] == "failed_rows"
     assert info["locked_by"] is None
