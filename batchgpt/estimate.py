@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from batchgpt.config import JobConfig
+from batchgpt.params import unknown_price_hint
 from batchgpt.plan import Plan
 from batchgpt.pricing import Usage, cost_usd, resolve_price
 from batchgpt.source import InputFile
@@ -118,8 +119,7 @@ def render_estimate(est: dict[str, Any]) -> str:
             f"{m} ({n:,} rows)" for m, n in models.items()))
     if not est["price_known"]:
         unknown = est.get("unpriced_models") or [est["model"]]
-        lines.append(f"  price of {', '.join(map(str, unknown))} unknown: add a `pricing:` "
-                     "block to the job file")
+        lines.append(f"  price unknown for {unknown_price_hint([str(m) for m in unknown])}")
     budget = est.get("budget")
     if budget is not None:
         lines.append(f"  budget                   {money(budget['spent_usd'])} of "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchgpt.pricing import PRICES, Price, resolve_price
@@ -161,6 +161,17 @@ class PriceCheck:
     fatal: bool
     message: str
     suggestion: str | None
+
+
+def unknown_price_hint(models: Sequence[str], pricing: Mapping[str, Price] | None = None
+                       ) -> str:
+    """What to tell a user whose cost is unknown because of ``models``: a did-you-mean for
+    a slip of a priced name, else how to give the price."""
+    slips = [f"'{m}' (did you mean '{s}'?)" for m in models
+             if (s := priced_model_suggestion(m, pricing)) is not None]
+    if slips:
+        return f"{', '.join(slips)}: no such priced model"
+    return f"{', '.join(models)}: add a `pricing:` block to the job file"
 
 
 def price_check(model: str, *, pricing: Mapping[str, Price], max_cost_usd: float | None,

@@ -19,6 +19,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
+from batchgpt.params import unknown_price_hint
 from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
 from batchgpt.store.index import Totals
 from batchgpt.summary import (
@@ -212,11 +213,7 @@ def render_table(summary: Summary) -> str:
         lines.append(f"  {req.not_in_input:,} results in the output are for ids no longer in "
                      "the input (kept)")
     if summary.cost_unknown_models:
-        lines.append(
-            "  cost unknown for model(s) "
-            + ", ".join(summary.cost_unknown_models)
-            + ": add a `pricing:` block to the job file"
-        )
+        lines.append("  cost unknown for " + unknown_price_hint(summary.cost_unknown_models))
     if run.errors_by_code:
         lines.append("  errors this run:")
         for code, count in run.errors_by_code.items():
