@@ -191,3 +191,146 @@ def test_json_logs_an_internal_error_is_a_plain_text_line_and_missing_from_the_l
     assert result.exit_code == 70
     json_lines(result.stderr)
     assert "internal error" in log_file.read_text(encoding="utf-8")
+
+
+# -- budget ---------------------------------------------------------------------------------
+
+
+def _run_until_in_flight_then_kill(path: Path, sim: Simulator, want: int) -> None:
+    """Start ``batchgpt run`` in its own process, wait until ``want`` more of its requests
+    are on the wire (the simulator holds them), then SIGKILL it (OOM killer, reboot,
+    systemd's final kill)."""
+    before = sim.stats.requests
+    proc = subprocess.Popen([BATCHGPT, "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while sim.stats.requests - before < want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sim.stats.requests - before >= want
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_budget_killed_runs_each_spend_the_whole_cap_again(tmp_path: Path) -> None:
+    """``limits.max_cost_usd`` fits 3 rows' worst case. The server is slow (answers take
+    30 s), so a run admits 3 rows, sends them, and is SIGKILLed while they are on the
+    wire: the server has accepted (and, like OpenAI, bills) 3 requests. The next run's
+    budget starts from what the index recorded, $0: it admits and sends 3 more. Each kill
+    spends up to the whole cap again, so a job killed every night has no cap at all.
+    README: the cap is on "what the job spends over all its runs", with only the estimate
+    caveat. Expected: rows sent and not settled by a killed run are charged (at their
+    reserved worst case) against the next run's budget: the second run refuses (exit 4)
+    and the server sees no more than the 3 requests the cap allowed."""
+    with SimulatorThread(SimulatorConfig(latency_s=30)) as sim:
+        job = JobFiles(tmp_path, sim.base_url)
+        # worst case per row: ~23 prompt + 20 output tokens of gpt-4o-mini ~ $0.0000155
+        path = job.write(articles(20), params={"max_tokens": 20},
+                         limits={"concurrency": 8, "max_cost_usd": 0.00005})
+        _run_until_in_flight_then_kill(path, sim, 3)
+        _run_until_in_flight_then_kill(path, sim, 1)
+        assert sim.stats.requests <= 3, f"{sim.stats.requests} requests for a 3-row cap"
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+KEY = "sk-proj-SECRETSECRET1234567890abcdef"
+
+
+def test_secret_a_proxy_echoing_the_key_minus_its_last_characters_is_not_redacted(
+    tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that echoes the key cut short (here all but its last 3 characters, in the
+    ``x-request-id`` it returns; the same goes for an error message that quotes
+    ``key=sk-proj-...`` truncated, without ``Bearer``). The redactor only knows the
+    whole key and ``Bearer <token>``, so 32 of the key's 35 characters land in the
+    output, the failures file and rows.sqlite. Expected: a long prefix of the key is
+    redacted like the key itself (design.md: "a proxy may echo a truncated key")."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    from batchgpt.simulator import FaultConfig
+
+    faults = FaultConfig(headers={"x-request-id": "req_" + KEY[:-3]}, server_error_rate=0.5)
+    with SimulatorThread(SimulatorConfig(faults=faults)) as sim:
+        job = JobFiles(tmp_path, sim.base_url)
+        path = job.write(articles(4), retry={"max_attempts": 1})
+        cli("run", path)
+    leaked = [str(p) for p in tmp_path.rglob("*")
+              if p.is_file() and KEY[:-3].encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_secret_the_key_pasted_into_params_is_printed_by_show_and_dry_run(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key pasted into the job file by mistake, as ``params: {api_key: sk-...}`` (an
+    unknown parameter, so it is sent as written). The run redacts it from its logs, but
+    ``show`` ("the exact request sent") and ``--dry-run`` (the sample request) print the
+    key, equal to $OPENAI_API_KEY, in full. README: the key never appears "in any ... log
+    line or error message"; the job file already refuses the key as api_key_env.
+    Expected: refused as a job-file error naming the line (like api.api_key_env), or at
+    least redacted wherever it is printed."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    path = job.write(articles(2), params={"max_tokens": 20, "api_key": KEY})
+    cli("run", path)
+    shown = cli("show", path, "a0001")
+    dry = cli("run", path, "--dry-run", "--fresh")
+    assert KEY not in shown.output
+    assert KEY not in dry.output
+
+
+# -- export and signals ---------------------------------------------------------------------
+
+
+def test_export_killed_by_sigterm_leaves_its_temporary_file_behind(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """``export -o res.csv`` of a large job, stopped by SIGTERM (cron's ``timeout``,
+    systemd). The previous res.csv is kept (good), but the half-written hidden
+    ``.res.csv.<random>.tmp`` stays in the folder; every killed nightly export leaves
+    another one of the export's full size. Expected: SIGTERM (and SIGINT) remove the
+    temporary file, as a failed export does."""
+    path = job.write(articles(1))
+    assert cli("run", path).exit_code == 0
+    template = job.results()[0]
+    records = articles(100_000)
+    write_jsonl(job.input, records)
+    with job.output.open("w", encoding="utf-8") as fh:  # results another run wrote
+        for r in records:
+            template["custom_id"] = r["id"]
+            template["id"] = "batch_req_" + r["id"].encode().hex().ljust(32, "0")[:12] + "4" + "0" * 19
+            fh.write(json.dumps(template) + "\n")
+    shutil.rmtree(job.output.with_name("job.state"))
+    dest = job.dir / "res.csv"
+    proc = subprocess.Popen([BATCHGPT, "export", str(path), "--format", "csv", "-o", str(dest)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not list(job.dir.glob(".res.csv.*")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the export ended before it could be stopped")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    assert list(job.dir.glob(".res.csv.*")) == []
+
+
+# -- ids ------------------------------------------------------------------------------------
+
+
+def test_id_template_change_pays_for_every_row_again_without_a_word(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """A job runs; then ``id: "{shop}-{sku}"`` is added (same records, same requests:
+    the id is not part of the request). Every id changes, so every row is "new": the run
+    and its dry run say "10 new", nothing more, and the run pays for all 10 again. The 10
+    earlier results become ``not_in_input``, which only ``status`` mentions, after the
+    money is spent. Expected: the dry run (the check before spending) at least reports
+    the results whose ids are no longer in the input; better, a run whose rows' requests
+    are exactly those of results under other ids refuses (like on_change: error)."""
+    records = [dict(r, shop="acme", sku=i) for i, r in enumerate(articles(10))]
+    path = job.write(records)
+    assert cli("run", path).exit_code == 0
+    path = job.write(id="{shop}-{sku}")
+    dry = cli("run", path, "--dry-run", "--json")
+    estimate = json.loads(dry.stdout)
+    assert "not_in_input" in json.dumps(estimate) or "no longer" in dry.stderr, dry.output
