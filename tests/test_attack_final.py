@@ -334,3 +334,44 @@ def test_id_template_change_pays_for_every_row_again_without_a_word(
     dry = cli("run", path, "--dry-run", "--json")
     estimate = json.loads(dry.stdout)
     assert "not_in_input" in json.dumps(estimate) or "no longer" in dry.stderr, dry.output
+
+
+def test_budget_spend_on_replaced_results_is_forgotten_when_the_state_folder_is_lost(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """A capped job runs; its prompt changes and it runs again (every row re-sent and
+    replaced: the job has now paid twice). README, Budget: the cap counts "what earlier
+    runs were charged (replaced results included: they were paid for)". Then the state
+    folder is lost (README: "do nothing, rerun"): the rebuilt index knows only the
+    output's lines, so the job's spend silently halves: ``status`` reports half the
+    money, and the cap has that much room again. Expected: the spend survives (it could
+    be in the summary file next to the output, or the output itself), or the loss is
+    said loudly and the cap refuses to guess."""
+    path = job.write(articles(10), limits={"concurrency": 4, "max_cost_usd": 1})
+    assert cli("run", path).exit_code == 0
+    path = job.write(prompt="Tell me: {text}")
+    assert cli("run", path).exit_code == 0
+    spent = json.loads(cli("status", path, "--json").stdout)["cost_usd"]
+    shutil.rmtree(job.output.with_name("job.state"))
+    assert cli("run", path).exit_code == 0
+    after = json.loads(cli("status", path, "--json").stdout)["cost_usd"]
+    assert after == pytest.approx(spent), (spent, after)
+
+
+def test_a_200_with_no_choices_is_recorded_as_a_success_and_never_sent_again(
+    tmp_path: Path, cli: Any
+) -> None:
+    """A broken proxy answers every request 200 with a chat.completion whose ``choices``
+    is empty: no answer at all. Every row is recorded as succeeded (exit 0, "done: 5 rows
+    succeeded"), its export ``content`` is empty, the circuit breaker (which stops "a 2xx
+    that is not a chat completion") never trips, and no rerun sends the rows again, not
+    even with --retry-failed. Expected: a reply without a choice is not an answer: the
+    row fails (retryable) or the breaker trips; it is not marked done."""
+    from batchgpt.simulator import FaultConfig
+
+    with SimulatorThread(SimulatorConfig(faults=FaultConfig(reply_patch={"choices": []}))) as sim:
+        job = JobFiles(tmp_path, sim.base_url)
+        path = job.write(articles(5))
+        result = cli("run", path)
+    assert result.exit_code != 0, result.output
+    assert job.results() == []
