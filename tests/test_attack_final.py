@@ -20,7 +20,7 @@ import pytest
 
 import batchgpt.runner
 from batchgpt.simulator import Simulator, SimulatorConfig, SimulatorThread
-from tests.conftest import JobFiles, articles, read_jsonl, write_jsonl
+from tests.conftest import JobFiles, articles, write_jsonl
 
 BATCHGPT = str(Path(sys.executable).with_name("batchgpt"))
 
@@ -298,7 +298,8 @@ def test_export_killed_by_sigterm_leaves_its_temporary_file_behind(
     with job.output.open("w", encoding="utf-8") as fh:  # results another run wrote
         for r in records:
             template["custom_id"] = r["id"]
-            template["id"] = "batch_req_" + r["id"].encode().hex().ljust(32, "0")[:12] + "4" + "0" * 19
+            tag = r["id"].encode().hex().ljust(32, "0")  # uuid-like: 13th digit 4
+            template["id"] = "batch_req_" + tag[:12] + "4" + tag[13:]
             fh.write(json.dumps(template) + "\n")
     shutil.rmtree(job.output.with_name("job.state"))
     dest = job.dir / "res.csv"
@@ -375,3 +376,25 @@ def test_a_200_with_no_choices_is_recorded_as_a_success_and_never_sent_again(
         result = cli("run", path)
     assert result.exit_code != 0, result.output
     assert job.results() == []
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["max_cost_usd", "concurrency"])
+def test_a_yaml_boolean_as_a_limit_is_taken_as_1(
+    job: JobFiles, sim: Simulator, cli: Any, key: str
+) -> None:
+    """``limits: {max_cost_usd: yes}`` (YAML 1.1: ``yes``/``on``/``true`` are booleans) is
+    accepted silently as a $1 cap; ``concurrency: true`` as 1. A boolean is not an amount:
+    a settings mistake must be "a clear message naming file/line/key before any paid
+    request", as ``max_cost_usd: 0`` or ``rpm: 0.5`` are. Expected: exit 1 naming
+    limits.<key>, nothing sent."""
+    job.write(articles(2))
+    text = job.job_path.read_text().replace("limits:\n  concurrency: 8",
+                                            f"limits:\n  {key}: yes")
+    job.job_path.write_text(text)
+    result = cli("run", job.job_path)
+    assert result.exit_code == 1, result.output
+    assert f"limits.{key}" in result.output
+    assert sim.stats.requests == 0
