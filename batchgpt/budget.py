@@ -61,6 +61,9 @@ class Budget:
                         worst > remaining, nothing  → REFUSE: stop dispatching
         settle(r, c):   reserved −= r; spent += c   (a reply: what it really cost)
         release(r):     reserved −= r               (no reply: a failed row is not billed)
+        abandon(r):     reserved −= r; spent += r; unanswered += r
+                        (sent, then given up before its reply — a second signal, the
+                        grace period over: it may have been billed, so it counts in full)
 
     WAIT is what makes a small cap work: the dispatcher holds the next row until a row in
     flight settles (its reservation, usually far above its real cost, comes back) and
@@ -79,6 +82,7 @@ class Budget:
         self._before = _dec(spent_before)
         self._run = Decimal(0)
         self._reserved = Decimal(0)
+        self._unanswered = Decimal(0)
         self.outstanding = 0  # reservations not yet settled
 
     # -- the figures ----------------------------------------------------------------------
@@ -99,6 +103,12 @@ class Budget:
     @property
     def reserved(self) -> float:
         return float(self._reserved)
+
+    @property
+    def unanswered(self) -> float:
+        """Worst cases charged for requests sent and given up before their reply: spend
+        that no result records (the index keeps it apart, for the next runs' cap)."""
+        return float(self._unanswered)
 
     @property
     def remaining(self) -> float | None:
@@ -129,6 +139,13 @@ class Budget:
     def release(self, reservation: Reservation) -> None:
         """The row ended without a reply (failed, or left for the next run)."""
         self._close(reservation)
+
+    def abandon(self, reservation: Reservation) -> None:
+        """The row's request was on the wire when the run gave it up: it may have been
+        billed without a reply to show for it, so its worst case counts as spent."""
+        if self._close(reservation):
+            self._run += reservation.amount
+            self._unanswered += reservation.amount
 
     def _close(self, reservation: Reservation) -> bool:
         if reservation.settled:

@@ -112,7 +112,8 @@ def make_plan(
     # index, which a read-only look (status, --dry-run) must not do and, on an index opened
     # read-only, cannot. It changes nothing in the plan: a result without a hash counts as
     # done for the row's request either way (see Index.unsettled).
-    adopt = store is not None and not store.dry and store.has_unadopted()
+    # (A read-only store holds an in-memory copy whenever there is anything to adopt.)
+    adopt = store is not None and store.has_unadopted()
     batch: list[ScannedRow] = []
     for scanned in source.scan():
         batch.append(scanned)

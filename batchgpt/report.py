@@ -141,6 +141,7 @@ def build_summary(
         usage=sum(totals.spend_by_model.values(), Usage()),
         cost_usd=cum_cost,
         cost_unknown_models=unknown,
+        cost_unrecorded_usd=round(totals.unseen_usd, 6),
         this_run=ThisRun(
             requests=RunRequests(sent=stats.sent, succeeded=stats.succeeded,
                                  failed=stats.failed, retries=stats.retries,

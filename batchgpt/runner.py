@@ -189,6 +189,7 @@ class _Run:
         self.latency_ema: float | None = None
         self.budget = Budget(lim.max_cost_usd, spent_before)
         self.settled = asyncio.Event()  # a reservation came back: the dispatcher may retry
+        self.allowance = 0.0  # in-flight spend on record in the index (capped runs)
         self.breaker = CircuitBreaker(threshold_for(self.cap))
         self.breaker_gate = asyncio.Condition()  # attempts held back while it decides
         self.client: ChatClient | None = None
@@ -268,6 +269,7 @@ class _Run:
         while not self.stopping.is_set():
             verdict, reservation = budget.admit(worst)
             if verdict is Verdict.ADMIT:
+                await self._cover_in_flight()
                 return reservation
             if verdict is Verdict.REFUSE:
                 left = budget.remaining or 0.0
@@ -285,6 +287,19 @@ class _Run:
             self.settled.clear()
             await self.settled.wait()
         return None
+
+    async def _cover_in_flight(self) -> None:
+        """Before a capped run sends more than it has on record as in flight, record a
+        larger allowance (twice what is reserved, so a handful of writes a run): a run
+        killed with requests on the wire then leaves their worst case in the index, and
+        the next run charges it against the cap (see Store.open) — a job killed every
+        night must not get its whole cap again each time."""
+        reserved = self.budget.reserved
+        writer = self.store.writer
+        if self.budget.cap is None or writer is None or reserved <= self.allowance:
+            return
+        self.allowance = reserved * 2
+        await writer.put_meta(inflight_allowance_usd=repr(self.allowance))
 
     # -- the pipeline -------------------------------------------------------------------
     def pending_rows(self) -> Iterator[Row]:
@@ -333,7 +348,10 @@ class _Run:
         try:
             await self._attempts(row, me, reservation)
         except asyncio.CancelledError:
-            pass  # the row stays pending: the next run sends it
+            # The row stays pending: the next run sends it. If its request was on the wire
+            # (not waiting in the limiter or a backoff) it may have been billed all the same.
+            if me not in self.waiting_tasks:
+                self.budget.abandon(reservation)
         except BatchGPTError as exc:  # a result could not be written: disk full, ...
             self.request_stop(StopReason.STORAGE, str(exc), ExitCode.ERROR)
         except Exception as exc:  # a bug must not keep spending: stop, keep what is done
@@ -641,10 +659,21 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                          retry_failed=options.retry_failed, limit=options.limit)
         # --fresh sets the earlier results, and what they cost, aside with the job.
         spent_before = _spent_before(job, plan, None if options.fresh else store)
+        orphans = 0 if options.fresh else max(0, store.totals().results - plan.with_result)
+        if orphans and plan.new:
+            event(log, logging.WARNING, "ids_changed",
+                  "%s holds %d results for ids that are not in the input, and %d rows of the "
+                  "input are new: if the rows' ids changed (`id`, `id_field`, or the records' "
+                  "own ids), those rows are paid for again. Ids must be stable; %s",
+                  job.output, orphans, plan.new,
+                  "nothing was sent (dry run)" if options.dry_run else
+                  "run --dry-run first to see what a run would send",
+                  job=job.job_name, not_in_input=orphans, new=plan.new)
         if options.dry_run:
             from batchgpt.estimate import estimate, sample_request
 
             est = estimate(job, plan)
+            est["requests"]["not_in_input"] = orphans
             if job.limits.max_cost_usd is not None:
                 est["budget"] = {
                     "max_cost_usd": job.limits.max_cost_usd, "spent_usd": spent_before,
@@ -671,6 +700,16 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         store.close()
 
 
+def _settle_in_flight_record(store: Store, run: _Run) -> None:
+    """Every request of the run has ended: the in-flight allowance goes back to 0, and what
+    was given up on the wire (charged at its worst case) joins the spend no result
+    records."""
+    if run.allowance or run.budget.unanswered:
+        index = store.index
+        index.set_meta(inflight_allowance_usd=None, unseen_usd=repr(
+            index.meta_float("unseen_usd") + run.budget.unanswered))
+
+
 def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     """What the job was charged by earlier runs (none without ``store``), which a cap
     covers too. With a cap, a model with no price anywhere (the job's model, the models
@@ -679,7 +718,9 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     spent: float | None = 0.0
     unknown_before: list[str] = []
     if store is not None:
-        spent, unknown_before = price_usage(store.totals().spend_by_model, job.pricing)
+        totals = store.totals()
+        spent, unknown_before = price_usage(totals.spend_by_model, job.pricing)
+        spent = None if spent is None else spent + totals.unseen_usd
     if job.limits.max_cost_usd is None:
         return spent or 0.0
     where: dict[str, list[str]] = {}
@@ -789,6 +830,7 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
         await store.stop_writer()
+        _settle_in_flight_record(store, run)
         for installed_sig in installed:
             loop.remove_signal_handler(installed_sig)
         if run.client is not None:

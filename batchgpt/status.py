@@ -70,6 +70,8 @@ def job_status(job: JobConfig) -> dict[str, Any]:
     finally:
         store.close()
     cost, unknown = price_usage(totals.spend_by_model, job.pricing)
+    if cost is not None:  # with what the output's results don't record (see Summary)
+        cost += totals.unseen_usd
     if plan is not None:
         requests: dict[str, Any] = plan.requests()
         requests["not_in_input"] = max(0, totals.results - plan.with_result)
@@ -81,6 +83,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         input_problems=problems,
         on_change=job.on_change,
         failed_by_code=codes,
+        cost_unrecorded_usd=round(totals.unseen_usd, 6),
         usage=sum(totals.spend_by_model.values(), Usage()).model_dump(),
         cost_usd=cost,
         cost_unknown_models=unknown,

@@ -123,6 +123,11 @@ class Summary(_Model):
     usage: Usage
     cost_usd: float | None
     cost_unknown_models: list[str]
+    # Spend no result in the output records (USD): the cost of replaced results from
+    # before the index was lost (read back from the previous summary), and the worst case
+    # of requests sent and never answered (a killed run, abandoned requests). A cap
+    # (limits.max_cost_usd) counts it; cost_usd does not.
+    cost_unrecorded_usd: float = 0.0
     this_run: ThisRun
     output: str
     failures: str

@@ -229,7 +229,10 @@ def test_budget_killed_runs_each_spend_the_whole_cap_again(tmp_path: Path) -> No
         path = job.write(articles(20), params={"max_tokens": 20},
                          limits={"concurrency": 8, "max_cost_usd": 0.00005})
         _run_until_in_flight_then_kill(path, sim, 3)
-        _run_until_in_flight_then_kill(path, sim, 1)
+        second = subprocess.run([BATCHGPT, "run", str(path)], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 4, second.stderr  # the budget: nothing left to send
+        assert "ended with requests in flight" in second.stderr
         assert sim.stats.requests <= 3, f"{sim.stats.requests} requests for a 3-row cap"
 
 

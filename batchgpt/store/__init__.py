@@ -15,15 +15,17 @@ together in the order a run needs them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
 from batchgpt.files import file_kind
+from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
 from batchgpt.store.index import (
     Index,
     Settled,
@@ -100,9 +102,10 @@ class Store:
             self._index = index
             self._check_owner(write=True)
             self.recovery = recover(self.out, index, self.failures_path, dry=False,
-                                    index_was_lost=why is not None)
+                                    index_was_lost=why is not None, bill_as=self._bill_as)
             for message in self.recovery.messages(self.out.path, dry=False):
                 log.warning("%s", message)
+            self._account_unseen_spend(index_was_lost=why is not None)
             if index.meta_int("dead_lines") and not index.spare_count():
                 self._compact()  # (with spares, after the plan has picked among them)
             self._check_writable()
@@ -142,7 +145,40 @@ class Store:
             index = index.copy_to_memory()
             self._index = index
         self.recovery = recover(self.out, index, self.failures_path, dry=True,
-                                index_was_lost=lost)
+                                index_was_lost=lost, bill_as=self._bill_as)
+
+    def _account_unseen_spend(self, *, index_was_lost: bool) -> None:
+        """Spend the index's results do not show, kept apart for the cap: the in-flight
+        allowance a killed run left on record (its requests on the wire may have been
+        billed), and — when the index was lost — what the last summary says the job had
+        paid beyond what the output's results account for (results replaced earlier)."""
+        index = self.index
+        unseen = index.meta_float("unseen_usd")
+        allowance = index.meta_float("inflight_allowance_usd")
+        if allowance:
+            log.warning("the last run of %s ended with requests in flight (killed?): up to "
+                        "$%.6f of them may have been billed; counted against "
+                        "limits.max_cost_usd", self.job.job_name, allowance)
+            unseen += allowance
+        if index_was_lost:
+            before = _summary_spend(self.job)
+            now = priced_spend(index.totals().spend_by_model, self.job.pricing)
+            if before is not None and before > now + 1e-9:
+                log.warning("the index of %s was rebuilt from the output; the last summary "
+                            "says $%.6f more was paid (results replaced before): counted "
+                            "against limits.max_cost_usd", self.job.job_name, before - now)
+                unseen += before - now
+        if unseen != index.meta_float("unseen_usd") or allowance:
+            index.set_meta(unseen_usd=repr(unseen), inflight_allowance_usd=None)
+
+    def _bill_as(self, served: str | None) -> str | None:
+        """A taken-over line is priced as a run prices its reply: a server alias with no
+        price as the job's model (the line keeps what the server said)."""
+        from batchgpt.budget import billed_model
+
+        model = self.job.model
+        return served if served is None or model is None else billed_model(
+            served, model, self.job.pricing)
 
     def _check_owner(self, *, write: bool) -> None:
         """One output, one job: a second job writing the same output would treat the
@@ -328,6 +364,33 @@ class Store:
         """What is stored for each of ``ids`` (export, show): results and failures, read
         in batches; ids with neither are left out."""
         return self.index.lookup(ids)
+
+
+def priced_spend(by_model: dict[str, Usage], pricing: Mapping[str, Price]) -> float:
+    """USD of the usage that has a price (unknown prices count as 0 here)."""
+    total = 0.0
+    for model, usage in by_model.items():
+        cost = cost_usd(usage, resolve_price(model, pricing))
+        total += cost or 0.0
+    return total
+
+
+def _summary_spend(job: JobConfig) -> float | None:
+    """What the job's last summary says it had paid (results, and spend no result
+    records), or None when there is no readable summary of this job."""
+    try:
+        data = json.loads(job.summary_path.read_bytes()[:10_000_000])
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("job") != job.job_name:
+        return None
+    total = 0.0
+    for key in ("cost_usd", "cost_unrecorded_usd"):
+        value = data.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and (
+                0 <= value < 1e12):
+            total += float(value)
+    return total
 
 
 def check_paths(job: JobConfig) -> None:

@@ -205,6 +205,10 @@ class Totals:
     failures: int = 0
     spend_by_model: dict[str, Usage] = field(default_factory=dict)  # what was paid
     replaced: int = 0  # results later replaced by a newer one (paid, no longer in the output)
+    # Spend no result records, in USD: what a lost index had recorded for replaced results
+    # (read back from the last summary), and the worst case of requests a run gave up or
+    # was killed with on the wire. Counted by a cap; see Store.open.
+    unseen_usd: float = 0.0
 
 
 def clean_text(value: str | None) -> str | None:
@@ -380,6 +384,13 @@ class Index:
                 self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+
+    def meta_float(self, key: str) -> float:
+        try:
+            value = float(self.meta(key) or 0)
+        except ValueError:
+            return 0.0
+        return value if value == value and 0 <= value < 1e12 else 0.0  # NaN, absurd: 0
 
     def meta_int(self, key: str) -> int:
         try:
@@ -559,7 +570,7 @@ class Index:
             db.execute("DELETE FROM spare")
             db.execute("DELETE FROM spend")
             self.set_meta(output_size=0, output_crc=0, fingerprint=None, dead_lines=0,
-                          replaced=0)
+                          replaced=0, unseen_usd=None, inflight_allowance_usd=None)
 
     # -- reading --------------------------------------------------------------------------
     def live_ranges(self) -> Iterator[tuple[str, int, int]]:
@@ -605,6 +616,8 @@ class Index:
         t.results = self.result_count()
         t.failures = int(self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0])
         t.replaced = self.meta_int("replaced")
+        # (A run's in-flight allowance counts until the run settles it: see Store.open.)
+        t.unseen_usd = self.meta_float("unseen_usd") + self.meta_float("inflight_allowance_usd")
         for model, p, c, cached, reasoning in self.db.execute(
             "SELECT model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens "
             "FROM spend"

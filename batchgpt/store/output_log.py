@@ -291,12 +291,20 @@ def answer_tag(custom_id: str, request_hash: str) -> str:
     outlived by an output restored from one. With the tag, a line proves it: a rebuild
     keeps a line as the answer to the current request only when its tag is that
     request's tag, so yesterday's answers to a changed prompt are never taken for today's
-    (and today's are never sent again because an old index said otherwise). The 13th
-    digit is fixed, so a tag is never mistaken for the random uuid4 ids of older outputs
-    (those lines are adopted as before)."""
+    (and today's are never sent again because an old index said otherwise).
+
+    A tag must never be mistaken for another tool's random id (those lines are adopted as
+    answers to the current request, as before): its 13th digit is fixed (a uuid4's is
+    always "4") and its last four digits check the first 28, so a random 32-hex id passes
+    for a tag once in about a million."""
     digest = hashlib.sha256(f"{custom_id}\x00{request_hash}".encode("utf-8", "surrogatepass")
                             ).hexdigest()
-    return digest[:12] + TAG_MARK + digest[13:32]
+    head = digest[:12] + TAG_MARK + digest[13:28]
+    return head + _tag_check(head)
+
+
+def _tag_check(head: str) -> str:
+    return hashlib.sha256(f"batchgpt-tag:{head}".encode()).hexdigest()[:4]
 
 
 def line_id(custom_id: str, request_hash: str) -> str:
@@ -311,7 +319,7 @@ def tag_of(line_id_value: object) -> str | None:
     tag = line_id_value[10:]
     if len(tag) != 32 or tag[12] != TAG_MARK or not _is_hex(tag):
         return None
-    return tag
+    return tag if _tag_check(tag[:28]) == tag[28:] else None
 
 
 def _is_hex(text: str) -> bool:

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +87,13 @@ def trusted(out: OutputLog, index: Index) -> bool:
             and not index.meta("compacting"))
 
 
+BillAs = Callable[[str | None], str | None]
+
+
 def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
-            index_was_lost: bool) -> Report:
+            index_was_lost: bool, bill_as: BillAs | None = None) -> Report:
+    """``bill_as`` maps the model a taken-over line names to the model it is priced as
+    (a server alias with no price is billed as the job's model, as a run bills it)."""
     report = Report()
     _finish_compaction(out, index, dry)
     fp = out.fingerprint()
@@ -110,9 +115,10 @@ def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
         return report
     if (not index_was_lost and crc_text is not None and fp.size >= committed
             and out.checksum(committed) == int(crc_text)):
-        _take_over_tail(out, index, committed, int(crc_text), report, dry)
+        _take_over_tail(out, index, _Scan(out, committed, int(crc_text), bill_as), report,
+                        dry)
     else:
-        _rebuild(out, index, report, dry, index_was_lost)
+        _rebuild(out, index, _Scan(out, 0, 0, bill_as), report, dry, index_was_lost)
         if index_was_lost:
             _take_over_failures(index, failures_path, report)
     return report
@@ -120,12 +126,11 @@ def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
 
 # -- tier 2 ---------------------------------------------------------------------------------
 
-def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: Report,
+def _take_over_tail(out: OutputLog, index: Index, scan: _Scan, report: Report,
                     dry: bool) -> None:
     """A tail line is a newer answer than the index's for its id (the writer only ever
     appends) — unless its tag says it answers the very request the index already has an
     answer for: then it is a copy (`tail -1 out >> out`), dead, and not paid twice."""
-    scan = _Scan(out, start, crc)
     dead = 0
     with index.transaction():
         batch: dict[str, NewResult] = {}
@@ -154,12 +159,11 @@ def _take_over_tail(out: OutputLog, index: Index, start: int, crc: int, report: 
 
 # -- tier 3 ---------------------------------------------------------------------------------
 
-def _rebuild(out: OutputLog, index: Index, report: Report, dry: bool,
+def _rebuild(out: OutputLog, index: Index, scan: _Scan, report: Report, dry: bool,
              index_was_lost: bool) -> None:
     """Everything in SQL over a temporary table of the output's lines, so memory stays
     flat whatever the output's size."""
     report.rebuilt = True
-    scan = _Scan(out, 0, 0)
     insert = ("INSERT INTO scan (custom_id, off, len, model, p, c, cached, reasoning, tag) "
               "VALUES (?,?,?,?,?,?,?,?,?)")
     with index.transaction() as db:
@@ -244,10 +248,11 @@ class _Scan:
     """One pass over the output from ``start``: the result lines, counted; unreadable
     lines and a torn fragment noted (not kept: they are re-read to be set aside)."""
 
-    def __init__(self, out: OutputLog, start: int, crc: int) -> None:
+    def __init__(self, out: OutputLog, start: int, crc: int, bill_as: BillAs | None) -> None:
         self.out = out
         self.start = start
         self.crc = crc
+        self.bill_as = bill_as
         self.good = 0
         self.blank = 0
         self.unreadable: list[tuple[int, int]] = []  # (offset, length)
@@ -279,7 +284,8 @@ class _Scan:
                 continue
             self.good += 1
             u = Usage.from_response(parsed.usage)
-            yield (parsed.custom_id, off, len(line), parsed.model, u.prompt_tokens,
+            model = parsed.model if self.bill_as is None else self.bill_as(parsed.model)
+            yield (parsed.custom_id, off, len(line), model, u.prompt_tokens,
                    u.completion_tokens, u.cached_tokens, u.reasoning_tokens, parsed.tag)
 
 

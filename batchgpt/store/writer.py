@@ -38,6 +38,7 @@ class _Item:
     failure: NewFailure | None
     line: bytes
     done: asyncio.Future[None]
+    meta: dict[str, str | int] | None = None
 
 
 class IndexFailed(StateError):
@@ -87,13 +88,18 @@ class GroupWriter:
         """Every result so far is in the output and recorded in the index."""
         return self.broken is None and self.unindexed is None
 
+    async def put_meta(self, **values: str | int) -> None:
+        """Record values in the index's meta, in order with the results around them (the
+        budget's in-flight allowance, before the requests it covers are sent)."""
+        await self._put(None, None, b"", values)
+
     async def _put(self, result: NewResult | None, failure: NewFailure | None,
-                   line: bytes) -> None:
+                   line: bytes, meta: dict[str, str | int] | None = None) -> None:
         if self.broken is not None:
             raise self.broken
         if self._task is None:
             raise StateError("the result writer is not running")
-        item = _Item(result, failure, line, asyncio.get_running_loop().create_future())
+        item = _Item(result, failure, line, asyncio.get_running_loop().create_future(), meta)
         self._queue.append(item)
         self._wakeup.set()
         await asyncio.shield(item.done)
@@ -130,12 +136,15 @@ class GroupWriter:
         results: list[NewResult] = []
         failures: list[NewFailure] = []
         chunks: list[bytes] = []
+        extra: dict[str, str | int] = {}
         for item in batch:
             if item.result is not None:
                 results.append(item.result)
                 chunks.append(item.line)
             elif item.failure is not None:
                 failures.append(item.failure)
+            if item.meta:
+                extra.update(item.meta)
         meta: dict[str, str | int] = {}
         if chunks:
             start, fingerprint = self.out.append(b"".join(chunks))
@@ -145,6 +154,7 @@ class GroupWriter:
                 pos += r.len
             meta = {"output_size": self.out.size, "output_crc": self.out.crc,
                     "fingerprint": fingerprint.dumps()}
+        meta.update(extra)
         if self.unindexed is not None:
             raise self.unindexed  # appended above: the next run takes these lines over
         kept = (f"; the {len(results)} results just written are kept in {self.out.path} "
