@@ -100,6 +100,19 @@ def test_release_charges_nothing_and_each_reservation_closes_once() -> None:
     assert (budget.spent, budget.reserved, budget.outstanding) == (0.0, 0.0, 0)
 
 
+def test_a_request_given_up_on_the_wire_is_charged_at_its_worst_case() -> None:
+    """A second signal abandons requests in flight: they may have been billed, so their
+    worst case counts as spent (and as unanswered, kept apart by the index for the next
+    runs' cap) — never released as if nothing was sent."""
+    budget = Budget(1.0)
+    _, r = budget.admit(0.25)
+    assert r is not None
+    budget.abandon(r)
+    assert budget.spent == 0.25 and budget.unanswered == 0.25 and budget.reserved == 0
+    budget.release(r)  # closes once: nothing changes
+    assert budget.spent == 0.25
+
+
 def test_without_a_cap_everything_is_admitted_and_spend_is_still_counted() -> None:
     budget = Budget(cap=None)
     _, row = budget.admit(1e9)
