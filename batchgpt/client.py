@@ -190,11 +190,12 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
         pass
     body = redact.value(body)  # code, type and message below come from the clean copy
     err = body.get("error", body) if isinstance(body, dict) else None
-    code = type_ = None
+    code = type_ = param = None
     message = ""
     if isinstance(err, dict):
         code = _label(err.get("code"))
         type_ = _label(err.get("type"))
+        param = _label(err.get("param"))
         message = _human(redact, _str(err.get("message")) or "", MAX_MESSAGE_CHARS)
     if not message:  # a gateway's HTML page, say: its start is the message
         text = exc.response.text if exc.response is not None else ""
@@ -209,6 +210,7 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
         headers=redact.headers(exc.response.headers),
         body=body,
         request_id=None if request_id is None else _human(redact, request_id, 200),
+        param=param,
     )
 
 
