@@ -305,6 +305,26 @@ async def test_a_plain_reply_is_passed_through_untouched(make_client: MakeClient
     assert success.body["choices"][0]["message"]["content"] == text
 
 
+@pytest.mark.parametrize(("choices", "why"), [
+    ([], "no choice in it"),
+    ([{"index": 0, "finish_reason": "stop"}], "its first choice has no message"),
+    ([{"index": 0, "message": None}], "its first choice has no message"),
+    (["text"], "its first choice has no message"),
+    (None, "no choices list"),
+], ids=["empty", "no message", "null message", "a string", "null"])
+async def test_a_2xx_without_an_answer_is_a_retryable_decode_failure(
+    make_client: MakeClient, choices: Any, why: str
+) -> None:
+    """A chat.completion with no choice, or whose first choice has no message, holds no
+    answer: stored as a success, its row would never be sent again."""
+    _, chat = await make_client(faults=FaultConfig(reply_patch={"choices": choices}))
+    attempt = await chat.complete(BODY)
+    assert attempt.success is None and attempt.failure is not None
+    assert attempt.failure.kind is Kind.DECODE and attempt.failure.status == 200
+    assert f"not a chat.completion ({why})" in attempt.failure.message
+    assert decide(attempt.failure, 1, RetryPolicy()).action is Action.RETRY
+
+
 async def test_a_lone_surrogate_in_a_reply_crashes_nothing_in_the_client_or_pricing(
     make_client: MakeClient,
 ) -> None:
