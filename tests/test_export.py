@@ -282,6 +282,27 @@ def test_record_fields_named_like_export_columns_are_renamed(job: JobFiles,
     assert rows[0]["input.status"] == "draft" and rows[0]["status"] == "succeeded"
 
 
+def test_every_record_field_keeps_its_value_in_a_column_of_its_own(job: JobFiles,
+                                                                   cli: Any) -> None:
+    """Renamed fields can't collide with fields already named ``input.<name>``: those are
+    renamed too, the same way on every row (a record that lacks ``status`` doesn't shift
+    what the ``input.status`` column means)."""
+    recs = [{"id": "a1", "text": "Hello. More.", "status": "open", "input.status": "x",
+             "input.input.status": "y", "json.k": 1, "input.json.k": 2},
+            {"id": "a2", "text": "Hi. More.", "input.status": "only"}]
+    path = job.write(recs)
+    assert cli("run", path).exit_code == 0
+    rows = jsonl(cli("export", path).stdout)
+    assert {k: v for k, v in rows[0].items() if k.startswith("input.")} == {
+        "input.status": "open", "input.input.status": "x", "input.input.input.status": "y",
+        "input.json.k": 1, "input.input.json.k": 2}
+    assert rows[0]["status"] == "succeeded"
+    assert rows[1]["input.input.status"] == "only" and "input.status" not in rows[1]
+    table = list(csv.DictReader(io.StringIO(cli("export", path, "--format", "csv").stdout)))
+    assert [(r["input.status"], r["input.input.status"]) for r in table] == [
+        ("open", "x"), ("", "only")]
+
+
 def test_csv_columns_come_from_the_first_rows_and_later_fields_are_dropped_once(
     job: JobFiles, cli: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
