@@ -234,6 +234,30 @@ class Redactor:
         except RecursionError:
             return REDACTED
 
+    def clean(self, value: object) -> object:
+        """What a command prints of the user's own data (``show``'s request, the dry run's
+        sample request): ``value`` itself, untouched, unless a secret or a long part of
+        one occurs in one of its strings (a key pasted into ``params``); then
+        :meth:`value` of it. So a prompt that merely mentions ``Bearer`` tokens is shown
+        as it is sent."""
+        try:
+            found = self._found_in_strings(value)
+        except RecursionError:
+            found = True
+        return self.value(value) if found else value
+
+    def _found_in_strings(self, value: object) -> bool:
+        if isinstance(value, str):
+            return any(part.core in value for part in self._text_parts)
+        if isinstance(value, Mapping):
+            return any(self._found_in_strings(k) or self._found_in_strings(v)
+                       for k, v in value.items())
+        if isinstance(value, list | tuple):
+            return any(self._found_in_strings(v) for v in value)
+        if isinstance(value, bytes):
+            return self.found_in(value)
+        return False
+
     def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``headers`` itself when no value holds a secret or a Bearer token (the usual
         case, and it keeps the case-insensitive mapping), else a cleaned plain dict."""
