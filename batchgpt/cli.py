@@ -46,16 +46,14 @@ _secrets: list[str | None] = []  # what a crash report must not contain, once kn
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM before the runner took signals over (while the input is planned):
-    a BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+    """SIGINT or SIGTERM while a command holds them (:func:`_signals_end_the_command`):
+    a BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it
+    and every ``finally`` on the way out runs. ``outcome`` completes the line saying so."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, outcome: str) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def _interrupted(signum: int, frame: FrameType | None) -> NoReturn:
-    raise Interrupted(signum)
+        self.outcome = outcome
 
 
 # What each signal does unless a program changed it: only then is it taken over (a
@@ -65,19 +63,24 @@ _DEFAULT_HANDLERS = ((signal.SIGINT, signal.default_int_handler),
 
 
 @contextlib.contextmanager
-def _signals_stop_planning() -> Iterator[None]:
-    """SIGINT and SIGTERM end the command at once (exit 130 / 143, an ``interrupted``
-    event) while the input is planned: SIGTERM would otherwise kill it without a word, and
-    asyncio's own SIGINT handling only cancels at the next ``await``, after the planning
-    (so a Ctrl-C during a long one went on to send). Once sending starts the runner
-    installs its own handlers (finish the requests in flight), which replace these and
-    restore the defaults when done; on the way out the handlers found on the way in are
-    put back."""
+def _signals_end_the_command(outcome: str) -> Iterator[None]:
+    """SIGINT and SIGTERM end the command at once, through the ``finally`` blocks on the
+    way (exit 130 / 143, an ``interrupted`` event: "interrupted (SIGTERM) <outcome>").
+    Without this SIGTERM kills without a word and without cleaning up (an export's
+    temporary file stays), and in a run asyncio's own SIGINT handling cancels only at the
+    next ``await``, after the planning (so a Ctrl-C during a long one went on to send).
+    Once a run starts sending the runner installs its own handlers (finish the requests
+    in flight), which replace these and restore the defaults when done. On the way out
+    the handlers found on the way in are put back."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+        raise Interrupted(signum, outcome)
+
     taken: list[tuple[signal.Signals, Any]] = []
     try:
         for sig, default in _DEFAULT_HANDLERS:
             if signal.getsignal(sig) is default:
-                taken.append((sig, signal.signal(sig, _interrupted)))
+                taken.append((sig, signal.signal(sig, interrupted)))
     except ValueError:  # not the main thread (an embedding program): signals are its own
         pass
     try:
@@ -118,8 +121,8 @@ def _guarded(command: Callable[P, R]) -> Callable[P, R]:
         except Interrupted as exc:
             name = signal.Signals(exc.signum).name
             code = ExitCode.SIGINT if exc.signum == signal.SIGINT else ExitCode.SIGTERM
-            _say(logging.WARNING, "interrupted", f"interrupted ({name}) before anything was "
-                 "sent; results written so far are kept", signal=name, exit_code=int(code))
+            _say(logging.WARNING, "interrupted", f"interrupted ({name}) {exc.outcome}",
+                 signal=name, exit_code=int(code))
             raise typer.Exit(code) from None
         except Exception as exc:
             from batchgpt.crash import write_crash_report
@@ -249,7 +252,8 @@ def run(
         live = LiveProgress()
         options.progress = live.update
     try:
-        with _signals_stop_planning():
+        with _signals_end_the_command("before anything was sent; results written so far "
+                                      "are kept"):
             if live is not None:
                 with live:
                     result = asyncio.run(run_job(job, options))
@@ -342,7 +346,12 @@ def export(
 
     job = _load(job_path)
     try:
-        stats = export_table(job, fmt=fmt, fields=fields, dest=output, job_file=job_path)
+        with _signals_end_the_command(
+                "during the export; nothing half-written is left behind (with -o the file "
+                "is the previous one, or the whole new one)" if output is not None else
+                "during the export; what was written to stdout is incomplete"):
+            stats = export_table(job, fmt=fmt, fields=fields, dest=output,
+                                 job_file=job_path)
     except InputError as exc:
         log.error("the input has problems (a run would refuse it too); export stopped, "
                   "and with -o nothing was written:\n%s", exc)
