@@ -37,6 +37,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 PRICES_AS_OF = "2026-11"
 PRICES_SOURCE = "OpenAI pricing page, as mirrored in LiteLLM's price map, Nov 2026"
 
+
 def not_a_boolean(value: Any) -> Any:
     """``value``, unless it is a boolean: where a setting wants a number, pydantic would
     read ``true`` as 1 — and YAML reads ``yes``, ``on`` and ``true`` as booleans, so

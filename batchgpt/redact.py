@@ -21,10 +21,10 @@ What it replaces, and why:
 * a long part of a secret: any run of at least ``max(16, 60 % of its length)``
   consecutive characters of it (:func:`partial_min`), however it was cut (a proxy that
   echoes the key truncated to its first 32 characters, an error quoting ``key=sk-…``
-  with its end cut off, or its start). A shorter part is left alone: 40 % of a key (and
-  at least its 16 characters beyond the known ``sk-proj-`` prefix for the shortest keys)
-  stays unknown, too much to guess, while a stricter rule would start to mangle
-  ordinary text. A secret of 16 characters or fewer is only redacted whole;
+  with its end cut off, or its start). A shorter part is left alone: it leaves at least
+  40 % of the key unknown, too much to guess, and a lower bar would start to mangle
+  ordinary text (16 characters: no word or number in a reply matches a key's 16 by
+  chance). A secret of 16 characters or fewer is only redacted whole;
 * any ``Bearer <token>`` of 8 characters or more, whether or not it is one of the
   secrets: a proxy may echo the key it uses upstream, which batchgpt never knew. Only
   text the redactor is asked to clean is touched, and the client asks for a reply's body
