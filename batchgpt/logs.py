@@ -88,8 +88,8 @@ def open_log_file(path: str | os.PathLike[str]) -> io.TextIOWrapper:
     cron job hung before it starts) or feed a reader that may go away, and a device is
     not a log. The open itself never blocks (``O_NONBLOCK``; a FIFO with no reader fails
     at once) and the file is checked again once open."""
-    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX only
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblock | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
@@ -101,7 +101,8 @@ def open_log_file(path: str | os.PathLike[str]) -> io.TextIOWrapper:
     if kind is not None:
         os.close(fd)
         raise NotRegularFile(path, kind)
-    os.set_blocking(fd, True)
+    if nonblock:
+        os.set_blocking(fd, True)
     return open(fd, "a", encoding="utf-8")
 
 
