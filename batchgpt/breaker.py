@@ -21,13 +21,26 @@ out), 503 "slow down" (load, which the limiter answers), 504 (a gateway's timeou
 the answers that stop a run on their own (401, 403, quota, unknown model or URL), which
 have their own messages. A 502 or another 5xx on every first attempt is a proxy or
 gateway that can't reach its upstream: counted.
+
+The breaker is for failures of the *job* or the *server*, never for rows that are each
+bad on their own: a few bad rows at the start of the input must not stop a run whose
+other rows work (nor every ``--retry-failed`` rerun, which sends them first again). So a
+4xx whose error names the request parameter at fault (OpenAI's ``param``:
+``"n"``, ``"messages.[0].role"``, ``"response_format.json_schema"``) is counted only when
+that parameter is one the job sets for every row (:func:`job_wide_params`: the job's
+``params``, ``model`` when the job sets it, ``messages`` when its ``prompt`` writes
+them); one the rows set themselves (a chat line's ``"n": 0``) is neutral. A 4xx that
+names no parameter still counts: it may be the job's or the server's.
 """
 
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from batchgpt.config import JobConfig
 from batchgpt.retry import QUOTA_CODES, Failure, Kind
 
 MAX_THRESHOLD = 5
@@ -38,6 +51,31 @@ ROW_SPECIFIC_CODES = frozenset({
     "context_length_exceeded", "string_above_max_length", "request_too_large",
     "content_policy_violation", "content_filter",
 })
+
+
+def job_wide_params(job: JobConfig) -> frozenset[str]:
+    """The request parameters the job sets for every row: a 4xx naming one of them may be
+    the job's fault, so the breaker counts it; one naming any other parameter is about the
+    row that set it. (A row may override a job parameter; its 4xx then counts, which at
+    worst stops a run early with a message naming the parameter.)"""
+    names = set(job.params)
+    if job.model is not None:
+        names.add("model")
+    if job.prompt is not None and job.input_format in ("auto", "template"):
+        names.add("messages")
+    return frozenset(names)
+
+
+_PARAM_NAME = re.compile(r"[^.\[\]]+")
+
+
+def param_name(param: str | None) -> str | None:
+    """The top-level parameter an error's ``param`` is about: ``messages`` for
+    ``messages.[0].role`` or ``messages[0].content``; None for none."""
+    if not param:
+        return None
+    match = _PARAM_NAME.match(param.strip())
+    return match.group(0) if match else None
 
 
 def threshold_for(concurrency: int) -> int:
@@ -58,6 +96,7 @@ class Assessment:
     sign: Sign
     signature: str = ""  # for SUSPECT: what "the same way" compares
     cause: str = ""  # for SUSPECT: the failure in a few words, for the message
+    param: str | None = None  # for a SUSPECT 4xx: the top-level parameter it names
 
 
 def connection_cause(message: str) -> str:
@@ -105,7 +144,8 @@ def assess(failure: Failure | None, stops_run: bool = False) -> Assessment:
         return Assessment(Sign.NEUTRAL)
     if 400 <= status < 600:
         return Assessment(Sign.SUSPECT, f"http:{status}:{code}",
-                          f"HTTP {status} ({code}): {failure.message}")
+                          f"HTTP {status} ({code}): {failure.message}",
+                          param_name(failure.param) if status < 500 else None)
     return Assessment(Sign.NEUTRAL)
 
 
@@ -122,15 +162,36 @@ class CircuitBreaker:
     then :meth:`record` the outcome (or :meth:`withdraw` if it was never sent). While
     armed, ``may_start`` is true only while (attempts started and unresolved) + (failures
     counted) < threshold: at most ``threshold`` attempts are ever made before it decides.
+
+    ``record``, while armed: a HEALTHY outcome disarms; a NEUTRAL one is not counted; a
+    SUSPECT one naming a parameter outside ``job_wide`` is about its row: not counted
+    either; any other SUSPECT one is counted, unless its signature differs from the first
+    counted one's (failing in different ways: row problems), which disarms. The
+    ``threshold``-th counted failure trips it. ``job_wide`` None: every parameter counts
+    (a caller that does not know the job).
     """
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, job_wide: Collection[str] | None = None) -> None:
         if threshold < 1:
             raise ValueError("threshold must be at least 1")
         self.threshold = threshold
+        self.job_wide = None if job_wide is None else frozenset(job_wide)
         self.state = State.ARMED
         self.unresolved = 0
         self.counted: list[Assessment] = []
+
+    @classmethod
+    def for_job(cls, job: JobConfig, threshold: int) -> CircuitBreaker:
+        """The breaker of a run of ``job``: its parameters set for every row are
+        :func:`job_wide_params`."""
+        return cls(threshold, job_wide_params(job))
+
+    def counts(self, assessment: Assessment) -> bool:
+        """Whether an outcome counts toward tripping (see the class's docstring)."""
+        if assessment.sign is not Sign.SUSPECT:
+            return False
+        return (assessment.param is None or self.job_wide is None
+                or assessment.param in self.job_wide)
 
     def may_start(self) -> bool:
         if self.state is not State.ARMED:
@@ -153,7 +214,7 @@ class CircuitBreaker:
         self.unresolved = max(0, self.unresolved - 1)
         if assessment.sign is Sign.HEALTHY:
             self.state = State.DISARMED
-        elif assessment.sign is Sign.SUSPECT:
+        elif self.counts(assessment):
             if self.counted and self.counted[0].signature != assessment.signature:
                 self.state = State.DISARMED  # failing in different ways: row problems
             else:

@@ -7,22 +7,26 @@ stdout carries only what a script asked for (``--json``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec, TypeVar
+from types import FrameType
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from batchgpt import __version__
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
+from batchgpt.files import NotRegularFile
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.runner import RunOptions, run_job
 
@@ -41,10 +45,65 @@ _crash_dir: Path | None = None  # where a traceback goes: the job's state folder
 _secrets: list[str | None] = []  # what a crash report must not contain, once known
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM while a command holds them (:func:`_signals_end_the_command`):
+    a BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it
+    and every ``finally`` on the way out runs. ``outcome`` completes the line saying so."""
+
+    def __init__(self, signum: int, outcome: str) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.outcome = outcome
+
+
+# What each signal does unless a program changed it: only then is it taken over (a
+# signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored).
+_DEFAULT_HANDLERS = ((signal.SIGINT, signal.default_int_handler),
+                     (signal.SIGTERM, signal.SIG_DFL))
+
+
+@contextlib.contextmanager
+def _signals_end_the_command(outcome: str) -> Iterator[None]:
+    """SIGINT and SIGTERM end the command at once, through the ``finally`` blocks on the
+    way (exit 130 / 143, an ``interrupted`` event: "interrupted (SIGTERM) <outcome>").
+    Without this SIGTERM kills without a word and without cleaning up (an export's
+    temporary file stays), and in a run asyncio's own SIGINT handling cancels only at the
+    next ``await``, after the planning (so a Ctrl-C during a long one went on to send).
+    Once a run starts sending the runner installs its own handlers (finish the requests
+    in flight), which replace these and restore the defaults when done. On the way out
+    the handlers found on the way in are put back."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+        raise Interrupted(signum, outcome)
+
+    taken: list[tuple[signal.Signals, Any]] = []
+    try:
+        for sig, default in _DEFAULT_HANDLERS:
+            if signal.getsignal(sig) is default:
+                taken.append((sig, signal.signal(sig, interrupted)))
+    except ValueError:  # not the main thread (an embedding program): signals are its own
+        pass
+    try:
+        yield
+    finally:
+        for sig, previous in taken:
+            signal.signal(sig, previous)
+
+
+def _say(level: int, name: str, message: str, **fields: Any) -> None:
+    """One line on stderr, as the event ``name`` in the command's log format (and in its
+    log file); plain text if logging is not set up yet."""
+    if log.handlers:
+        event(log, level, name, "%s", message, **fields)
+    else:
+        typer.echo(message, err=True)
+
+
 def _guarded(command: Callable[P, R]) -> Callable[P, R]:
     """The top-level handler. A BatchGPTError is a message and its exit code; anything
     else is a bug: one line naming it and the file holding the traceback, exit 70. Never
-    a traceback on the terminal or in a cron mail."""
+    a traceback on the terminal or in a cron mail. Every line goes through the log, so
+    that with ``--log-format json`` it is a JSON event, in the log file too."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -55,19 +114,32 @@ def _guarded(command: Callable[P, R]) -> Callable[P, R]:
         except BatchGPTError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            typer.echo("interrupted; results written so far are kept", err=True)
+            _say(logging.WARNING, "interrupted",
+                 "interrupted (SIGINT); results written so far are kept",
+                 signal="SIGINT", exit_code=int(ExitCode.SIGINT))
             raise typer.Exit(ExitCode.SIGINT) from None
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            code = ExitCode.SIGINT if exc.signum == signal.SIGINT else ExitCode.SIGTERM
+            _say(logging.WARNING, "interrupted", f"interrupted ({name}) {exc.outcome}",
+                 signal=name, exit_code=int(code))
+            raise typer.Exit(code) from None
         except Exception as exc:
             from batchgpt.crash import write_crash_report
             from batchgpt.redact import Redactor
 
             scrub = Redactor(_secrets).text
+            crash: Path | None
             try:
-                where = f"the traceback is in {write_crash_report(exc, _crash_dir, scrub)}"
+                crash = write_crash_report(exc, _crash_dir, scrub)
+                where = f"the traceback is in {crash}"
             except OSError:
-                where = "no traceback file could be written"
-            typer.echo(scrub(f"internal error: {type(exc).__name__}: {exc} — a bug in "
-                             f"batchgpt; {where}. Results already written are kept."), err=True)
+                crash, where = None, "no traceback file could be written"
+            _say(logging.ERROR, "internal_error",
+                 scrub(f"internal error: {type(exc).__name__}: {exc} — a bug in batchgpt; "
+                       f"{where}. Results already written are kept."),
+                 error=type(exc).__name__, crash_file=None if crash is None else str(crash),
+                 exit_code=int(ExitCode.SOFTWARE))
             raise typer.Exit(ExitCode.SOFTWARE) from None
 
     return wrapper
@@ -153,9 +225,11 @@ def run(
         raise typer.BadParameter("must be text or json", param_hint="--log-format")
     try:
         setup_logging(log_format, log_file, verbose)
-    except OSError as exc:
-        typer.echo(f"cannot write the log file {log_file}: {exc.strerror}; nothing was sent",
-                   err=True)
+    except OSError as exc:  # said on stderr alone, in the chosen format
+        why = (f"it is {exc.kind}, not a regular file" if isinstance(exc, NotRegularFile)
+               else exc.strerror or str(exc))
+        _say(logging.ERROR, "log", f"cannot write the log file {log_file}: {why}; nothing "
+             "was sent")
         raise typer.Exit(ExitCode.ERROR) from None
     job = _load(job_path)
     bind_job(job.job_name)
@@ -178,11 +252,13 @@ def run(
         live = LiveProgress()
         options.progress = live.update
     try:
-        if live is not None:
-            with live:
+        with _signals_end_the_command("before anything was sent; results written so far "
+                                      "are kept"):
+            if live is not None:
+                with live:
+                    result = asyncio.run(run_job(job, options))
+            else:
                 result = asyncio.run(run_job(job, options))
-        else:
-            result = asyncio.run(run_job(job, options))
     except BatchGPTError as exc:
         _fail(exc)
     if dry_run or result.report is None:
@@ -270,7 +346,12 @@ def export(
 
     job = _load(job_path)
     try:
-        stats = export_table(job, fmt=fmt, fields=fields, dest=output, job_file=job_path)
+        with _signals_end_the_command(
+                "during the export; nothing half-written is left behind (with -o the file "
+                "is the previous one, or the whole new one)" if output is not None else
+                "during the export; what was written to stdout is incomplete"):
+            stats = export_table(job, fmt=fmt, fields=fields, dest=output,
+                                 job_file=job_path)
     except InputError as exc:
         log.error("the input has problems (a run would refuse it too); export stopped, "
                   "and with -o nothing was written:\n%s", exc)

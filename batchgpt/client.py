@@ -134,14 +134,16 @@ class ChatClient:
             parsed = json.loads(content)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past parsing
             parsed = None
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+        missing = _not_a_completion(parsed)
+        if missing is not None:
             # Redact before cutting: a key across the cut would leave its prefix behind.
             head = redact.data(content[:200 + _MARGIN])[:200].decode("utf-8", "replace")
             return Attempt(
                 None,
                 Failure(Kind.DECODE, _human(redact, f"HTTP {raw.status_code} with a body that "
-                        f"is not a chat.completion: {head!r}", 500), status=raw.status_code,
-                        headers=redact.headers(headers), request_id=request_id),
+                        f"is not a chat.completion ({missing}): {head!r}", 500),
+                        status=raw.status_code, headers=redact.headers(headers),
+                        request_id=request_id),
                 latency,
             )
         if redact.found_in_json(content):  # rare; a few bytes.find on the hot path
@@ -153,6 +155,24 @@ class ChatClient:
                     headers=redact.headers(headers), request_id=request_id), latency)
             parsed = cleaned
         return Attempt(Success(parsed, headers, request_id, latency), None, latency)
+
+
+def _not_a_completion(parsed: object) -> str | None:
+    """Why a 2xx body is not a chat.completion batchgpt can store as an answer, or None
+    when it is one: a JSON object whose ``choices`` is a non-empty list whose first choice
+    has a ``message`` object. (A ``choices: []`` reply holds no answer: recorded as a
+    success, the row would never be sent again.)"""
+    if not isinstance(parsed, dict):
+        return "not a JSON object"
+    choices = parsed.get("choices")
+    if not isinstance(choices, list):
+        return "no choices list"
+    if not choices:
+        return "no choice in it"
+    first = choices[0]
+    if not isinstance(first, dict) or not isinstance(first.get("message"), dict):
+        return "its first choice has no message"
+    return None
 
 
 def _http_client(max_connections: int) -> Any:
@@ -190,11 +210,12 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
         pass
     body = redact.value(body)  # code, type and message below come from the clean copy
     err = body.get("error", body) if isinstance(body, dict) else None
-    code = type_ = None
+    code = type_ = param = None
     message = ""
     if isinstance(err, dict):
         code = _label(err.get("code"))
         type_ = _label(err.get("type"))
+        param = _label(err.get("param"))
         message = _human(redact, _str(err.get("message")) or "", MAX_MESSAGE_CHARS)
     if not message:  # a gateway's HTML page, say: its start is the message
         text = exc.response.text if exc.response is not None else ""
@@ -209,6 +230,7 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
         headers=redact.headers(exc.response.headers),
         body=body,
         request_id=None if request_id is None else _human(redact, request_id, 200),
+        param=param,
     )
 
 

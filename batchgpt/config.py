@@ -14,9 +14,10 @@ import math
 import os
 import re
 import string
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -36,7 +37,7 @@ from batchgpt.credentials import base_url_problem, header_value_problem
 from batchgpt.errors import ConfigError
 from batchgpt.files import NotRegularFile, open_regular
 from batchgpt.params import PriceCheck, param_suggestion, price_check
-from batchgpt.pricing import Price
+from batchgpt.pricing import Price, not_a_boolean
 
 try:  # libyaml's parser where PyYAML was built with it: 20x faster on a big file
     from yaml import CSafeLoader as _SafeLoader
@@ -73,6 +74,26 @@ class _Strict(BaseModel):
     # No NaN or infinity anywhere: `timeout_s: .inf` would never time out, and a NaN
     # compares false to every bound.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """No boolean where a number is wanted, in any model of the job file: pydantic's
+        lax mode reads ``true`` as 1 (``limits: {max_cost_usd: yes}`` was a $1 cap)."""
+        if isinstance(value, bool) and info.field_name is not None and _is_number(
+                cls.model_fields[info.field_name].annotation):
+            return not_a_boolean(value)
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float), optional or constrained."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _is_number(get_args(annotation)[0])
+    if origin is Union or isinstance(annotation, types.UnionType):
+        return any(_is_number(arg) for arg in get_args(annotation))
+    return annotation in (int, float)
 
 
 class Limits(_Strict):

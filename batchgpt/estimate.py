@@ -14,12 +14,14 @@ model are seen before they are paid for.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from batchgpt.config import JobConfig
 from batchgpt.params import unknown_price_hint
 from batchgpt.plan import Plan
 from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.redact import Redactor
 from batchgpt.source import InputFile
 
 
@@ -75,12 +77,15 @@ def estimate(job: JobConfig, plan: Plan) -> dict[str, Any]:
 
 def sample_request(plan: Plan, source: InputFile) -> dict[str, Any]:
     """The first pending row's request body, exactly as it will be POSTed to
-    ``/chat/completions``, and which row it is; None when nothing is pending."""
+    ``/chat/completions``, and which row it is; None when nothing is pending. The run's
+    key (a key pasted into ``params`` is sent as written) is shown ``[REDACTED]``."""
     if not plan.to_send:
         return {"sample_request": None, "sample_request_row": None}
     row = next(source.read_at(iter([(plan.offsets[0], plan.lines[0])])))
-    return {"sample_request": row.body,
-            "sample_request_row": {"custom_id": row.custom_id, "line": row.line}}
+    redact = Redactor([os.environ.get(source.job.api.api_key_env)])
+    return {"sample_request": redact.clean(row.body),
+            "sample_request_row": {"custom_id": redact.clean(row.custom_id),
+                                   "line": row.line}}
 
 
 def render_estimate(est: dict[str, Any]) -> str:

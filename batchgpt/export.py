@@ -17,9 +17,9 @@ cost. Building it must not need the job in memory (a million rows), so it stream
 
 Columns, in order (:data:`STATUS_COLUMNS` after the record's own):
 
-* template records: the record's fields (a field named like one of the columns below is
-  renamed ``input.<name>``); chat and Batch API lines: ``custom_id`` and
-  ``last_user_message``;
+* template records: the record's fields (a field named like one of the columns below, or
+  whose name starts with ``input.``, is renamed ``input.<name>``: every field gets a
+  column of its own); chat and Batch API lines: ``custom_id`` and ``last_user_message``;
 * ``content`` (the first choice's message), then ``json.<key>`` for each top-level key of
   the reply parsed as JSON, when the job asks for JSON replies (:func:`validates_json`);
 * ``status`` (``succeeded``, ``failed``, ``pending``), ``stale``, ``error_code``,
@@ -294,12 +294,21 @@ class ExportStats:
         return text
 
 
+# Record fields starting so are renamed too: the export's own columns (``json.…``), and
+# the renamed fields' (``input.…``), so that no two fields ever share a column.
+_RENAMED_PREFIXES = ("json.", "input.")
+
+
 def record_columns(record: dict[str, Any]) -> dict[str, Any]:
     """A template record's fields as columns; one named like a column of the export's
-    own (``status``, ``content``, ``json.…``) becomes ``input.<name>``."""
-    if RESERVED.isdisjoint(record) and not any(k.startswith("json.") for k in record):
+    own (``status``, ``content``, ``json.…``) becomes ``input.<name>``, and so does one
+    whose name starts with ``input.`` (``input.status`` becomes ``input.input.status``).
+    The renaming is one-to-one and the same on every row: every field keeps its value
+    in a column of its own, whatever other fields a record has."""
+    if RESERVED.isdisjoint(record) and not any(
+            k.startswith(_RENAMED_PREFIXES) for k in record):
         return record
-    return {(f"input.{k}" if k in RESERVED or k.startswith("json.") else k): v
+    return {(f"input.{k}" if k in RESERVED or k.startswith(_RENAMED_PREFIXES) else k): v
             for k, v in record.items()}
 
 

@@ -15,13 +15,18 @@ Only the CLI calls :func:`setup_logging`; a library user configures logging as t
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from batchgpt.files import NotRegularFile, file_kind
 
 _job: str | None = None  # the job name added to every JSON line once the CLI knows it
 
@@ -77,7 +82,41 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def open_log_file(path: str | os.PathLike[str]) -> io.TextIOWrapper:
+    """``path`` opened for appending text, created if missing. Anything but a regular file
+    is refused (NotRegularFile): a FIFO would block the open until a reader appears (a
+    cron job hung before it starts) or feed a reader that may go away, and a device is
+    not a log. The open itself never blocks (``O_NONBLOCK``; a FIFO with no reader fails
+    at once) and the file is checked again once open."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX only
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblock | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader, or a socket
+            raise NotRegularFile(path, file_kind(os.stat(path).st_mode) or "a special file"
+                                 ) from None
+        raise
+    kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise NotRegularFile(path, kind)
+    if nonblock:
+        os.set_blocking(fd, True)
+    return open(fd, "a", encoding="utf-8")
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A FileHandler whose file is opened by :func:`open_log_file`."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_log_file(self.baseFilename)
+
+
 def setup_logging(fmt: str, log_file: Path | None, verbose: bool) -> None:
+    """Logs to stderr and, with ``log_file``, to that file too. Raises OSError (with the
+    stderr handler in place, to report it) when the file can't be opened, and
+    NotRegularFile when it is not a regular file."""
     bind_job(None)
     logger = logging.getLogger("batchgpt")
     logger.handlers.clear()
@@ -92,7 +131,7 @@ def setup_logging(fmt: str, log_file: Path | None, verbose: bool) -> None:
     handler.setFormatter(formatter)
     logger.addHandler(handler)
     if log_file is not None:
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = _LogFileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(
             formatter if fmt == "json"
             else logging.Formatter("%(asctime)s %(levelname)s %(message)s")

@@ -32,13 +32,24 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 PRICES_AS_OF = "2026-11"
 PRICES_SOURCE = "OpenAI pricing page, as mirrored in LiteLLM's price map, Nov 2026"
 
+
+def not_a_boolean(value: Any) -> Any:
+    """``value``, unless it is a boolean: where a setting wants a number, pydantic would
+    read ``true`` as 1 — and YAML reads ``yes``, ``on`` and ``true`` as booleans, so
+    ``max_cost_usd: yes`` would be a silent $1 cap. (A BeforeValidator.)"""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number (YAML reads yes/no, on/off and "
+                         "true/false as booleans): write a number")
+    return value
+
+
 # A price is a finite, non-negative number of USD per 1M tokens.
-_Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_Rate = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(not_a_boolean)]
 
 
 class Price(BaseModel):

@@ -18,11 +18,25 @@ What it replaces, and why:
   it: as is, JSON-escaped (``\\u00e9``, ``\\/``), and percent-encoded. Shorter "secrets"
   (``""``, ``"none"``, a placeholder) are ignored: replacing them would mangle ordinary
   text, and they protect nothing;
+* a long part of a secret: any run of at least ``max(16, 60 % of its length)``
+  consecutive characters of it (:func:`partial_min`), however it was cut (a proxy that
+  echoes the key truncated to its first 32 characters, an error quoting ``key=sk-…``
+  with its end cut off, or its start). A shorter part is left alone: it leaves at least
+  40 % of the key unknown, too much to guess, and a lower bar would start to mangle
+  ordinary text (16 characters: no word or number in a reply matches a key's 16 by
+  chance). A secret of 16 characters or fewer is only redacted whole;
 * any ``Bearer <token>`` of 8 characters or more, whether or not it is one of the
-  secrets: a proxy may echo a truncated key, or the key it uses upstream, which
-  batchgpt never knew. Only text the redactor is asked to clean is touched, and the
-  client asks for a reply's body only when a secret occurs in it, so a model's answer
-  that talks about Bearer tokens is left alone.
+  secrets: a proxy may echo the key it uses upstream, which batchgpt never knew. Only
+  text the redactor is asked to clean is touched, and the client asks for a reply's body
+  only when a secret occurs in it, so a model's answer that talks about Bearer tokens is
+  left alone.
+
+Finding long parts costs the hot path nothing extra: every run of ``m`` (the minimum) or
+more characters of a secret of ``n`` contains its middle ``secret[n-m:m]`` (its *core*,
+``2m - n`` characters, 7 for a 35-character key, 34 for a 164-character one), so
+:meth:`Redactor.found_in` looks for the core instead of the whole secret, one
+``bytes.find`` each as before; a hit is extended both ways, character by character,
+only when text is cleaned.
 
 The redactor is immutable and never shows its secrets (``repr`` gives only a count).
 """
@@ -33,12 +47,18 @@ import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
+from typing import AnyStr, Generic
 from urllib.parse import quote
 
-__all__ = ["MIN_SECRET_CHARS", "REDACTED", "Redactor"]
+__all__ = ["MIN_SECRET_CHARS", "PARTIAL_MIN_CHARS", "PARTIAL_PERCENT", "REDACTED", "Redactor",
+           "partial_min"]
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_CHARS = 8
+# A run of a secret's characters this long, and at least this share of the secret, is
+# redacted wherever it is found (see the module's docstring).
+PARTIAL_MIN_CHARS = 16
+PARTIAL_PERCENT = 60
 
 # RFC 6750's b64token; "Bearer" in any case, then blanks. Group 1 keeps the original
 # spelling and spacing so the message still reads as the server wrote it.
@@ -70,10 +90,73 @@ def _encode(text: str) -> bytes | None:
         return None
 
 
+def partial_min(length: int) -> int:
+    """The fewest consecutive characters of a secret of ``length`` characters that are
+    redacted on their own: 16, or 60 % of the secret rounded up, whichever is more (the
+    whole secret, when that is as long as the secret)."""
+    share = -(-length * PARTIAL_PERCENT // 100)  # rounded up, in integers: no 21.000…04
+    return min(length, max(PARTIAL_MIN_CHARS, share))
+
+
+class _Pattern(Generic[AnyStr]):
+    """One spelling of a secret (text or bytes), and how to find its long parts."""
+
+    __slots__ = ("core", "least", "offsets", "whole")
+
+    def __init__(self, whole: AnyStr) -> None:
+        n = len(whole)
+        least = partial_min(n)
+        self.whole: AnyStr = whole
+        self.least = least
+        # Every run of `least` or more characters of `whole` contains this middle part.
+        self.core: AnyStr = whole[n - least:least] if least < n else whole
+        size = len(self.core)
+        self.offsets = tuple(i for i in range(n - size + 1) if whole.startswith(self.core, i))
+
+    def spans(self, text: AnyStr) -> list[tuple[int, int]]:
+        """Where ``text`` holds runs of at least ``least`` characters of the secret: each
+        occurrence of the core, extended both ways while the characters agree."""
+        core, whole, size = self.core, self.whole, len(self.core)
+        out: list[tuple[int, int]] = []
+        i = text.find(core)
+        while i >= 0:
+            best = (i, i)
+            for at in self.offsets:  # where the core sits in the secret (nearly always once)
+                left = 0
+                while left < min(at, i) and text[i - 1 - left] == whole[at - 1 - left]:
+                    left += 1
+                right, room = 0, min(len(whole) - at - size, len(text) - i - size)
+                while right < room and text[i + size + right] == whole[at + size + right]:
+                    right += 1
+                if left + size + right > best[1] - best[0]:
+                    best = (i - left, i + size + right)
+            if best[1] - best[0] >= self.least:
+                out.append(best)
+                i = text.find(core, best[1])
+            else:
+                i = text.find(core, i + 1)
+        return out
+
+
+def _cut(text: AnyStr, spans: list[tuple[int, int]], mark: AnyStr) -> AnyStr:
+    """``text`` with every span (merged where they overlap) replaced by ``mark``."""
+    spans.sort()
+    pieces: list[AnyStr] = []
+    done = 0
+    for start, end in spans:
+        if end <= done:
+            continue
+        pieces.append(text[done:max(done, start)])
+        pieces.append(mark)
+        done = end
+    pieces.append(text[done:])
+    return mark[:0].join(pieces)
+
+
 class Redactor:
     """Replaces a run's secrets with ``[REDACTED]`` in text, bytes and parsed JSON."""
 
-    __slots__ = ("_needles", "_secrets", "_texts")
+    __slots__ = ("_byte_parts", "_needles", "_secrets", "_text_parts", "_texts")
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         kept = tuple(dict.fromkeys(
@@ -87,6 +170,8 @@ class Redactor:
         self._texts = tuple(texts)
         self._needles = tuple(dict.fromkeys(
             b for b in (_encode(t) for t in texts) if b is not None))
+        self._text_parts = tuple(_Pattern(t) for t in texts)
+        self._byte_parts = tuple(_Pattern(b) for b in self._needles)
 
     def with_secrets(self, *secrets: str | None) -> Redactor:
         """A redactor for these secrets as well as this one's."""
@@ -97,10 +182,12 @@ class Redactor:
         return bool(self._secrets)
 
     def found_in(self, data: bytes) -> bool:
-        """Whether a secret occurs in ``data``: a few ``bytes.find`` calls, for the hot
-        path, where a reply is scanned before it is parsed. Bearer tokens that are not
-        one of the secrets are not looked for here."""
-        return any(data.find(needle) >= 0 for needle in self._needles)
+        """Whether a secret, or a long part of one, may occur in ``data``: one
+        ``bytes.find`` of each spelling's core, for the hot path, where a reply is scanned
+        before it is parsed (true now and then for a short core that is not part of a
+        long run: cleaning then changes nothing). Bearer tokens that are not one of the
+        secrets are not looked for here."""
+        return any(data.find(part.core) >= 0 for part in self._byte_parts)
 
     def found_in_json(self, data: bytes) -> bool:
         r"""Whether parsing the JSON ``data`` could yield a secret: :meth:`found_in`, or a
@@ -115,10 +202,15 @@ class Redactor:
         return data.find(b"\\u00") >= 0 and _ASCII_ESCAPE.search(data) is not None
 
     def text(self, text: str) -> str:
-        """``text`` with every secret and every ``Bearer <token>`` replaced."""
+        """``text`` with every secret, every long part of one and every
+        ``Bearer <token>`` replaced."""
         for form in self._texts:
             if form in text:
                 text = text.replace(form, REDACTED)
+        spans = [span for part in self._text_parts if part.core in text
+                 for span in part.spans(text)]
+        if spans:
+            text = _cut(text, spans, REDACTED)
         return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
     def data(self, data: bytes) -> bytes:
@@ -126,6 +218,10 @@ class Redactor:
         for needle in self._needles:
             if needle in data:
                 data = data.replace(needle, _REDACTED_BYTES)
+        spans = [span for part in self._byte_parts if part.core in data
+                 for span in part.spans(data)]
+        if spans:
+            data = _cut(data, spans, _REDACTED_BYTES)
         return _BEARER_BYTES.sub(lambda m: m.group(1) + _REDACTED_BYTES, data)
 
     def value(self, value: object) -> object:
@@ -137,6 +233,30 @@ class Redactor:
             return self._walk(value)
         except RecursionError:
             return REDACTED
+
+    def clean(self, value: object) -> object:
+        """What a command prints of the user's own data (``show``'s request, the dry run's
+        sample request): ``value`` itself, untouched, unless a secret or a long part of
+        one occurs in one of its strings (a key pasted into ``params``); then
+        :meth:`value` of it. So a prompt that merely mentions ``Bearer`` tokens is shown
+        as it is sent."""
+        try:
+            found = self._found_in_strings(value)
+        except RecursionError:
+            found = True
+        return self.value(value) if found else value
+
+    def _found_in_strings(self, value: object) -> bool:
+        if isinstance(value, str):
+            return any(part.core in value for part in self._text_parts)
+        if isinstance(value, Mapping):
+            return any(self._found_in_strings(k) or self._found_in_strings(v)
+                       for k, v in value.items())
+        if isinstance(value, list | tuple):
+            return any(self._found_in_strings(v) for v in value)
+        if isinstance(value, bytes):
+            return self.found_in(value)
+        return False
 
     def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``headers`` itself when no value holds a secret or a Bearer token (the usual

@@ -57,6 +57,7 @@ class Failure:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: object = None  # the parsed error body, where there was one
     request_id: str | None = None
+    param: str | None = None  # the error's ``param``: the request parameter at fault
 
     @property
     def error_code(self) -> str:

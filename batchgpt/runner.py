@@ -190,7 +190,7 @@ class _Run:
         self.budget = Budget(lim.max_cost_usd, spent_before)
         self.settled = asyncio.Event()  # a reservation came back: the dispatcher may retry
         self.allowance = 0.0  # in-flight spend on record in the index (capped runs)
-        self.breaker = CircuitBreaker(threshold_for(self.cap))
+        self.breaker = CircuitBreaker.for_job(job, threshold_for(self.cap))
         self.breaker_gate = asyncio.Condition()  # attempts held back while it decides
         self.client: ChatClient | None = None
         self.base_url = ""  # where requests go, for messages

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError
 from batchgpt.export import Pricer, failure_error, opened, reply_content, row_state
+from batchgpt.redact import Redactor
 from batchgpt.source import InputFile, Row
 
 SUGGESTIONS = 3
@@ -131,7 +133,10 @@ def show_row(job: JobConfig, custom_id: str, job_hint: str = "JOB") -> dict[str,
         info["error_response"] = _failure_response(failure.line)
         if result is None:
             info["attempts"] = error.get("attempts")
-    return info
+    # The key pasted into the job's params or the input is sent as written, but never
+    # printed: cleaned with the run's key, as a run's logs are.
+    redact = Redactor([os.environ.get(job.api.api_key_env)])
+    return {key: redact.clean(value) for key, value in info.items()}
 
 
 def _block(value: Any) -> str:

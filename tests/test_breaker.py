@@ -23,8 +23,11 @@ from batchgpt.breaker import (
     State,
     assess,
     connection_cause,
+    job_wide_params,
+    param_name,
     threshold_for,
 )
+from batchgpt.config import JobConfig
 from batchgpt.retry import Failure, Kind
 from batchgpt.simulator import FaultConfig, Simulator
 from tests.conftest import JobFiles, articles, write_jsonl
@@ -121,6 +124,72 @@ def failure(status: int | None, code: str | None = None, kind: Kind = Kind.HTTP,
 ], ids=lambda v: getattr(v, "error_code", v))
 def test_what_an_attempt_says_about_the_endpoint(attempt: Failure | None, sign: Sign) -> None:
     assert assess(attempt).sign is sign
+
+
+# A job of chat lines (no prompt) with a model and max_tokens for every row, and a job of
+# template records whose prompt writes every row's messages.
+CHAT_JOB = {"model": "gpt-4o-mini", "params": {"max_tokens": 50}}
+TEMPLATE_JOB = {"params": {"temperature": 0.2, "response_format": {"type": "json_object"}},
+                "prompt": "Summarize: {text}"}
+
+
+@pytest.mark.parametrize(("job", "param", "counted"), [
+    (CHAT_JOB, None, True),  # names no parameter: may be the job's or the server's
+    (CHAT_JOB, "max_tokens", True),  # the job's own parameter
+    (CHAT_JOB, "model", True),  # the job sets the model
+    (CHAT_JOB, "n", False),  # a chat line's own "n": 0
+    (CHAT_JOB, "messages.[0].role", False),  # a chat line's own messages
+    (CHAT_JOB, "temperature", False),
+    (TEMPLATE_JOB, "messages[0].content", True),  # the prompt writes every row's messages
+    (TEMPLATE_JOB, "response_format.type", True),
+    (TEMPLATE_JOB, "temperature", True),
+    (TEMPLATE_JOB, "model", False),  # the job names none: each line's body does
+    (TEMPLATE_JOB, "max_tokens", False),
+    (TEMPLATE_JOB, "", True),  # an empty param is no param
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_4xx_counts_only_when_the_parameter_it_names_is_set_by_the_job_for_every_row(
+    job: dict[str, Any], param: str | None, counted: bool
+) -> None:
+    config = JobConfig(input="in.jsonl", output="out.jsonl", **job)
+    breaker = CircuitBreaker.for_job(config, 2)
+    outcome = assess(Failure(Kind.HTTP, "m", status=400, code="invalid_value", param=param))
+    assert outcome.sign is Sign.SUSPECT
+    assert breaker.counts(outcome) is counted
+    breaker.record(outcome)
+    assert breaker.record(outcome) is counted  # the second same failure trips it, or not
+    assert breaker.state is (State.TRIPPED if counted else State.ARMED)
+
+
+def test_row_specific_4xx_neither_count_nor_disarm_and_a_breaker_without_the_job_counts_all(
+) -> None:
+    row_400 = assess(Failure(Kind.HTTP, "m", status=400, param="n"))
+    breaker = CircuitBreaker(2, job_wide={"max_tokens"})
+    assert not any(breaker.record(row_400) for _ in range(10))
+    assert breaker.state is State.ARMED and breaker.may_start()
+    assert breaker.record(HTTP_400) is False and breaker.record(HTTP_400) is True
+    assert CircuitBreaker(2).counts(row_400)  # a caller that does not know the job
+    # a 5xx naming a parameter is the server's: counted whatever it names
+    assert breaker.counts(assess(Failure(Kind.HTTP, "m", status=502, param="n")))
+
+
+@pytest.mark.parametrize(("param", "name"), [
+    ("n", "n"), ("messages.[0].role", "messages"), ("messages[2].content", "messages"),
+    ("response_format.json_schema.schema", "response_format"), ("tools[0]", "tools"),
+    (None, None), ("", None), (".", None),
+])
+def test_the_parameter_an_error_names_is_its_top_level_name(param: str | None,
+                                                            name: str | None) -> None:
+    assert param_name(param) == name
+
+
+def test_the_job_wide_parameters_are_its_params_its_model_and_its_prompts_messages() -> None:
+    def wide(**job: Any) -> set[str]:
+        return set(job_wide_params(JobConfig(input="i", output="o", **job)))
+
+    assert wide() == set()
+    assert wide(model="m", params={"n": 2, "seed": 1}) == {"model", "n", "seed"}
+    assert wide(prompt="{text}") == {"messages"}
+    assert wide(prompt="{text}", input_format="chat") == set()
 
 
 def test_answers_that_stop_the_run_on_their_own_are_left_to_their_own_message() -> None:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import zlib
@@ -282,6 +283,27 @@ def test_record_fields_named_like_export_columns_are_renamed(job: JobFiles,
     assert rows[0]["input.status"] == "draft" and rows[0]["status"] == "succeeded"
 
 
+def test_every_record_field_keeps_its_value_in_a_column_of_its_own(job: JobFiles,
+                                                                   cli: Any) -> None:
+    """Renamed fields can't collide with fields already named ``input.<name>``: those are
+    renamed too, the same way on every row (a record that lacks ``status`` doesn't shift
+    what the ``input.status`` column means)."""
+    recs = [{"id": "a1", "text": "Hello. More.", "status": "open", "input.status": "x",
+             "input.input.status": "y", "json.k": 1, "input.json.k": 2},
+            {"id": "a2", "text": "Hi. More.", "input.status": "only"}]
+    path = job.write(recs)
+    assert cli("run", path).exit_code == 0
+    rows = jsonl(cli("export", path).stdout)
+    assert {k: v for k, v in rows[0].items() if k.startswith("input.")} == {
+        "input.status": "open", "input.input.status": "x", "input.input.input.status": "y",
+        "input.json.k": 1, "input.input.json.k": 2}
+    assert rows[0]["status"] == "succeeded"
+    assert rows[1]["input.input.status"] == "only" and "input.status" not in rows[1]
+    table = list(csv.DictReader(io.StringIO(cli("export", path, "--format", "csv").stdout)))
+    assert [(r["input.status"], r["input.input.status"]) for r in table] == [
+        ("open", "x"), ("", "only")]
+
+
 def test_csv_columns_come_from_the_first_rows_and_later_fields_are_dropped_once(
     job: JobFiles, cli: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -418,3 +440,44 @@ def test_after_the_state_was_lost_answers_to_an_older_prompt_are_exported_as_sta
     assert [r["status"] for r in rows] == ["succeeded"] * 4
     assert all(r["stale"] for r in rows)
     assert digest(job.dir) == before
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_export_stopped_by_a_signal_leaves_the_previous_file_and_no_temporary_one(
+    job: JobFiles, cli: Any, sig: str, code: int
+) -> None:
+    """``export -o`` of a large job, stopped by SIGTERM (cron's ``timeout``, systemd) or
+    Ctrl-C while it writes: the previous file is kept as it was, the temporary file is
+    removed, and one line says so (exit 143 / 130)."""
+    import signal
+    import subprocess
+    import time
+
+    path = job.write(articles(1))
+    assert cli("run", path).exit_code == 0
+    template = job.results()[0]
+    recs = articles(100_000)
+    write_jsonl(job.input, recs)
+    with job.output.open("w", encoding="utf-8") as fh:  # results another run wrote
+        for r in recs:
+            template["custom_id"] = r["id"]
+            tag = r["id"].encode().hex().ljust(32, "0")  # uuid-like: 13th digit 4
+            template["id"] = "batch_req_" + tag[:12] + "4" + tag[13:]
+            fh.write(json.dumps(template) + "\n")
+    shutil.rmtree(job.output.with_name("job.state"))  # the export takes the output over
+    dest = job.dir / "res.csv"
+    dest.write_text("the previous export\n", encoding="utf-8")
+    cmd = [str(Path(sys.executable).with_name("batchgpt")), "export", str(path), "--format",
+           "csv", "-o", str(dest)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(job.dir.glob(".res.csv.*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the export ended before it could be stopped"
+        time.sleep(0.005)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert list(job.dir.glob(".res.csv.*")) == []
+    assert dest.read_text(encoding="utf-8") == "the previous export\n"
+    assert f"interrupted ({sig}) during the export; nothing half-written" in err.decode()
+    assert b"Traceback" not in err

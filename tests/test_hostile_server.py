@@ -32,7 +32,7 @@ from aiohttp import web
 from batchgpt.client import ChatClient
 from batchgpt.config import RetryPolicy
 from batchgpt.pricing import MAX_TOKEN_COUNT, PRICES, Usage, cost_usd, resolve_price
-from batchgpt.redact import REDACTED, Redactor
+from batchgpt.redact import REDACTED, Redactor, partial_min
 from batchgpt.retry import Action, Kind, decide
 from batchgpt.simulator import FaultConfig, Simulator, SimulatorConfig, SimulatorThread
 from tests.conftest import JobFiles, articles
@@ -84,6 +84,53 @@ def test_redactor_catches_the_forms_a_server_echoes_a_key_in(secret: str, echoed
     assert redact.found_in(echoed.encode())
 
 
+@pytest.mark.parametrize(("length", "least"), [
+    (8, 8), (16, 16), (17, 16), (26, 16), (27, 17), (35, 21), (36, 22), (51, 31), (164, 99)])
+def test_a_part_of_a_key_is_redacted_from_16_characters_or_60_percent_whichever_is_more(
+    length: int, least: int
+) -> None:
+    assert partial_min(length) == least
+
+
+PART_KEY = "sk-proj-SECRETSECRET1234567890abcdef"  # 36 characters: parts of 22 or more
+
+
+@pytest.mark.parametrize(("echoed", "redacted"), [
+    (f"req_{PART_KEY[:-3]}", f"req_{REDACTED}"),  # a proxy's request id, cut short
+    (f"key={PART_KEY[:22]}...", f"key={REDACTED}..."),  # the shortest prefix redacted
+    (f"key={PART_KEY[:21]}...", f"key={PART_KEY[:21]}..."),  # one character less: kept
+    (f"...{PART_KEY[-22:]}.", f"...{REDACTED}."),  # a suffix
+    (f"...{PART_KEY[-21:]}.", f"...{PART_KEY[-21:]}."),
+    (f"({PART_KEY[5:27]})", f"({REDACTED})"),  # the middle, both ends cut
+    (f"{PART_KEY[:30]}{PART_KEY[6:]}", f"{REDACTED}{REDACTED}"),  # back to back
+    (f"{PART_KEY[:22]} and {PART_KEY} again", f"{REDACTED} and {REDACTED} again"),
+    ("a reply that mentions SECRET12 in passing", "a reply that mentions SECRET12 in passing"),
+], ids=["all but 3", "prefix 22", "prefix 21", "suffix 22", "suffix 21", "middle", "twice",
+        "part and whole", "core only"])
+def test_redactor_replaces_a_long_part_of_a_key_as_the_key_itself(echoed: str,
+                                                                   redacted: str) -> None:
+    """A proxy may echo the key truncated (design.md): a long enough part of it, however
+    cut, is redacted in text and bytes alike, and the hot path's byte search sees it."""
+    redact = Redactor([PART_KEY])
+    assert redact.text(echoed) == redacted
+    assert redact.data(echoed.encode()) == redacted.encode()
+    if redacted != echoed:
+        assert redact.found_in(echoed.encode())
+        assert redact.value({"x": [echoed]}) == {"x": [redacted]}
+
+
+def test_long_parts_of_a_key_that_repeats_itself_are_found_wherever_the_core_sits() -> None:
+    key = "abcabcabcabcabcabcabcabc-0123456789"  # the core occurs several times in the key
+    redact = Redactor([key])
+    assert redact.text(f"<{key[:25]}>") == f"<{REDACTED}>"
+    assert redact.text(f"<{key[-22:]}>") == f"<{REDACTED}>"
+    assert redact.text("abcabcabcabcabcabcabcabcabcabc") == f"{REDACTED}abcabc"  # 24 of 35
+    assert redact.text("abcabcabcabcabcabcab-") == "abcabcabcabcabcabcab-"  # 20: fewer than 21
+    short = Redactor(["0123456789abcdef"])  # 16 characters: only whole
+    assert short.text("0123456789abcde") == "0123456789abcde"
+    assert short.text("0123456789abcdef") == REDACTED
+
+
 def test_redactor_ignores_secrets_shorter_than_8_characters_and_missing_ones() -> None:
     redact = Redactor(["", "none", "1234567", None])
     assert not redact.has_secrets
@@ -108,9 +155,10 @@ def test_redactor_never_shows_its_secrets_and_adds_secrets_to_a_copy() -> None:
 
 def test_redactor_finds_a_key_hidden_from_a_byte_search_by_json_escapes() -> None:
     """No JSON encoder escapes a printable ASCII character; a server that does is hiding
-    something, and the reply is cleaned after parsing."""
+    something, and the reply is cleaned after parsing. (The escape is in the key's middle:
+    a long run of it left in plain sight is found by the byte search itself.)"""
     redact = Redactor([SECRET])
-    hidden = json.dumps({"c": SECRET}).replace("sk-", "\\u0073k-").encode()
+    hidden = json.dumps({"c": SECRET}).replace("SECRET-0", "SECRET\\u002d0").encode()
     assert not redact.found_in(hidden)
     assert redact.found_in_json(hidden)
     assert redact.value(json.loads(hidden)) == {"c": REDACTED}
@@ -303,6 +351,26 @@ async def test_a_plain_reply_is_passed_through_untouched(make_client: MakeClient
     success = (await chat.complete(BODY)).success
     assert success is not None
     assert success.body["choices"][0]["message"]["content"] == text
+
+
+@pytest.mark.parametrize(("choices", "why"), [
+    ([], "no choice in it"),
+    ([{"index": 0, "finish_reason": "stop"}], "its first choice has no message"),
+    ([{"index": 0, "message": None}], "its first choice has no message"),
+    (["text"], "its first choice has no message"),
+    (None, "no choices list"),
+], ids=["empty", "no message", "null message", "a string", "null"])
+async def test_a_2xx_without_an_answer_is_a_retryable_decode_failure(
+    make_client: MakeClient, choices: Any, why: str
+) -> None:
+    """A chat.completion with no choice, or whose first choice has no message, holds no
+    answer: stored as a success, its row would never be sent again."""
+    _, chat = await make_client(faults=FaultConfig(reply_patch={"choices": choices}))
+    attempt = await chat.complete(BODY)
+    assert attempt.success is None and attempt.failure is not None
+    assert attempt.failure.kind is Kind.DECODE and attempt.failure.status == 200
+    assert f"not a chat.completion ({why})" in attempt.failure.message
+    assert decide(attempt.failure, 1, RetryPolicy()).action is Action.RETRY
 
 
 async def test_a_lone_surrogate_in_a_reply_crashes_nothing_in_the_client_or_pricing(

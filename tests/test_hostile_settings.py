@@ -221,6 +221,42 @@ def test_non_finite_or_absurd_number_is_refused_naming_its_line(
     assert_refused(cli("run", path), sim, f"job.yaml:{line}: {expected}")
 
 
+BOOLEAN = "a boolean is not a number (YAML reads yes/no, on/off and true/false as booleans)"
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ("limits: {max_cost_usd: yes}", "limits.max_cost_usd"),  # was a $1 cap
+    ("limits: {concurrency: true}", "limits.concurrency"),  # was 1
+    ("limits: {rpm: on}", "limits.rpm"),
+    ("limits: {tpm: no}", "limits.tpm"),
+    ("retry: {max_attempts: off}", "retry.max_attempts"),
+    ("retry: {initial_delay_s: true}", "retry.initial_delay_s"),
+    ("retry: {max_delay_s: yes}", "retry.max_delay_s"),
+    ("retry: {multiplier: true}", "retry.multiplier"),
+    ("retry: {jitter: false}", "retry.jitter"),  # was 0
+    ("timeout_s: yes", "timeout_s"),
+    ("pricing: {my-model: {input: true, output: 1.0}}", "pricing.my-model.input"),
+    ("pricing: {my-model: {input: 1.0, output: 1.0, cached_input: no}}",
+     "pricing.my-model.cached_input"),
+])
+def test_a_yaml_boolean_where_a_number_is_wanted_is_refused_naming_the_key_and_line(
+    job: JobFiles, sim: Simulator, cli: Any, raw: str, key: str
+) -> None:
+    """pydantic's lax mode reads ``true`` as 1 and ``false`` as 0, and YAML reads yes, on
+    and true as booleans: every number of the job file refuses one."""
+    path, line = write_raw(job, raw)
+    assert_refused(cli("run", path), sim, f"job.yaml:{line}: '{key}': {BOOLEAN}")
+
+
+def test_numbers_written_as_numbers_or_quoted_and_booleans_in_params_are_still_taken(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    path, _ = write_raw(job, 'limits: {rpm: "6000", concurrency: 4.0, max_cost_usd: 1}\n'
+                             "params: {max_tokens: 20, logprobs: true}")
+    assert cli("run", path).exit_code == 0
+    assert sim.stats.bodies[0]["logprobs"] is True
+
+
 # -- 4. params must be JSON --------------------------------------------------------------
 @pytest.mark.parametrize(("raw", "below", "expected"), [
     ("params: {temperature: .nan}", 0, "params.temperature is not a finite number"),

@@ -202,3 +202,121 @@ def test_the_json_formatter_never_writes_what_json_cannot_read() -> None:
     record.fields = {"eta_s": float("inf"), "nested": {"x": float("nan")}}
     line = json.loads(JsonFormatter().format(record))
     assert line["eta_s"] is None and line["nested"] == {"x": None}
+
+
+# -- the CLI's own lines: internal errors, interruptions, the log file ---------------------
+
+
+def test_an_internal_error_is_a_json_event_on_stderr_and_in_the_log_file(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import batchgpt.runner
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("the table renderer is broken")
+
+    monkeypatch.setattr(batchgpt.runner, "render_table", broken)
+    path = job.write(articles(2))
+    log_file = tmp_path / "run.log"
+    result = cli("run", path, "--log-format", "json", "--log-file", log_file,
+                 internal_error=True)
+    assert result.exit_code == 70
+    for text in (result.stderr, log_file.read_text(encoding="utf-8")):
+        last = parse_lines(text)[-1]
+        assert last["event"] == "internal_error" and last["level"] == "error"
+        assert last["error"] == "RuntimeError" and last["exit_code"] == 70
+        assert last["job"] == "job"
+        assert Path(last["crash_file"]).is_file()
+        assert last["msg"].startswith("internal error: RuntimeError: the table renderer")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_input_is_planned_ends_the_run_at_once_with_an_event(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch,
+    sig: signal.Signals, code: int
+) -> None:
+    """A real signal to this process in the middle of planning (a big input takes a
+    while): SIGTERM used to kill the run without a word, and a Ctrl-C waited for the
+    planning to end and then sent anyway. Nothing is sent, the lock is let go (the next
+    run works), and the handlers are the defaults again afterwards."""
+    import os
+
+    import batchgpt.runner
+
+    real = batchgpt.runner.make_plan
+
+    def planning(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batchgpt.runner, "make_plan", planning)
+    path = job.write(articles(3))
+    result = cli("run", path, "--log-format", "json")
+    assert result.exit_code == code, result.output
+    (line,) = parse_lines(result.stderr)
+    assert line["event"] == "interrupted" and line["signal"] == sig.name
+    assert line["exit_code"] == code and "before anything was sent" in line["msg"]
+    assert sim.stats.requests == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    monkeypatch.undo()
+    assert cli("run", path).exit_code == 0
+    assert sim.stats.requests == 3
+
+
+def test_the_runners_own_signal_handling_is_untouched_once_sending_starts(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While rows are sent, SIGTERM is the runner's: finish what is in flight, exit 143
+    with the run's summary (not the CLI's planning handler)."""
+    import os
+
+    from batchgpt.client import ChatClient
+
+    real = ChatClient.complete
+    sent = []
+
+    async def complete(self: ChatClient, body: Any) -> Any:
+        if not sent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        sent.append(body)
+        return await real(self, body)
+
+    monkeypatch.setattr(ChatClient, "complete", complete)
+    path = job.write(articles(20), limits={"concurrency": 1})
+    result = cli("run", path, "--log-format", "json")
+    assert result.exit_code == 143, result.output
+    events = by_event(parse_lines(result.stderr))
+    assert "interrupted" not in events
+    assert events["stopping"][0]["reason"] == "signal"
+    assert events["outcome"][0]["exit_code"] == 143
+    assert 1 <= len(sent) < 20
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "missing folder"])
+def test_a_log_file_that_cannot_be_a_log_is_refused_at_once_as_a_json_line(
+    job: JobFiles, sim: Simulator, cli: Any, tmp_path: Path, kind: str
+) -> None:
+    """A FIFO used to block the open until a reader came (a cron job hung before it
+    started); a device is not a log. Refused, exit 1, nothing sent; the line saying so
+    goes to stderr only (the log file is what failed), in the format asked for."""
+    import os
+
+    path = job.write(articles(2))
+    target = {"fifo": tmp_path / "log.fifo", "device": Path(os.devnull),
+              "folder": tmp_path, "missing folder": tmp_path / "nowhere" / "run.log"}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    started = time.monotonic()
+    result = cli("run", path, "--log-format", "json", "--log-file", target)
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1, result.output
+    (line,) = parse_lines(result.stderr)
+    assert line["level"] == "error"
+    assert line["msg"].startswith(f"cannot write the log file {target}: ")
+    assert line["msg"].endswith("; nothing was sent")
+    if kind in ("fifo", "device"):
+        assert "not a regular file" in line["msg"]
+    assert sim.stats.requests == 0

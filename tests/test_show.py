@@ -133,3 +133,38 @@ def test_show_writes_nothing_in_the_jobs_folders(job: JobFiles, cli: Any) -> Non
         cli("show", path, row_id)
         cli("show", path, row_id, "--json")
     assert digest(*folders) == before
+
+
+KEY = "sk-proj-SECRETSECRET1234567890abcdef"
+
+
+def test_the_key_pasted_into_a_request_is_never_printed_by_show_or_the_dry_run(
+    job: JobFiles, sim: Simulator, cli: Any, monkeypatch: Any
+) -> None:
+    """A key pasted by mistake into ``params`` (sent as written: an unknown parameter)
+    and, cut short, into a chat line: ``show`` (text and --json) and the dry run (text
+    and --json) print them ``[REDACTED]``, as the run's logs do; a request without the
+    key is printed exactly as sent, a prompt mentioning Bearer tokens included."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lines = [{"id": "c1", "messages": [{"role": "user", "content": f"my key {KEY[:-4]}"}]},
+             {"id": "c2", "messages": [{"role": "user",
+                                        "content": "Send Authorization: Bearer abcdefgh123"}]}]
+    write_jsonl(job.input, lines)
+    path = job.write(params={"max_tokens": 20, "api_key": KEY})
+    outputs = [cli("run", path, "--dry-run").output,
+               cli("run", path, "--dry-run", "--json").stdout,
+               cli("show", path, "c1").output,
+               cli("show", path, "c1", "--json").stdout]
+    assert cli("run", path).exit_code == 0
+    assert sim.stats.bodies[0]["api_key"] == KEY  # sent as written: the user's choice
+    outputs += [cli("show", path, "c1").output, cli("show", path, "c1", "--json").stdout]
+    for text in outputs:
+        assert KEY[:22] not in text and KEY[-22:] not in text, text
+        assert "[REDACTED]" in text
+    info = shown(cli, path, "c1")
+    assert info["request"]["api_key"] == "[REDACTED]"
+    assert info["request"]["messages"][0]["content"] == "my key [REDACTED]"
+
+    path = job.write(params={"max_tokens": 20})
+    info = shown(cli, path, "c2")
+    assert info["request"]["messages"][0]["content"] == "Send Authorization: Bearer abcdefgh123"
