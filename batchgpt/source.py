@@ -45,6 +45,10 @@ from batchgpt.files import NotRegularFile, open_regular
 from batchgpt.tokens import output_cap, prompt_tokens, request_cost
 
 MAX_PROBLEMS = 50
+# A request's output cap and choice count, sanity-bounded: the token estimate, the dry run's
+# cost and the budget multiply them (10**400 would make every figure infinite).
+CAP_KEYS = ("max_tokens", "max_completion_tokens", "n")
+MAX_CAP = 100_000_000
 # Deepest nesting of arrays and objects a line may have (the line's own object is level
 # 1). Far beyond any real request, far below what Python's recursion limit lets the JSON
 # encoder and the HTTP client serialise.
@@ -271,6 +275,11 @@ class RowBuilder:
             raise MissingModel("no model: set `model` in the job file or in the line's body")
         if body.get("stream"):
             raise RowError("'stream': true is not supported in a batch")
+        for key in CAP_KEYS:  # what every estimate and the budget multiply by
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and not (
+                    0 <= value <= MAX_CAP):
+                raise RowError(f"'{key}' is out of range: at most {MAX_CAP:,}")
         try:
             digest = request_hash(body)
         except UnicodeEncodeError:

@@ -385,3 +385,16 @@ def test_any_line_is_a_sendable_row_or_a_file_line_problem(config: dict[str, Any
             row.max_output_tokens  # noqa: B018 - it must not raise
         rebuilt = list(source.read_at(iter([(s.offset, s.line) for s in rows])))
         assert rebuilt == [s.row for s in rows]
+
+
+def test_an_absurd_output_cap_in_a_line_is_a_line_error(job: JobFiles, sim: Simulator,
+                                                        cli: Any) -> None:
+    """A chat line's own max_tokens of 10**400 made the dry run's cost infinite."""
+    lines = [json.dumps({"id": "c1", "messages": HI}),
+             '{"id": "c2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1'
+             + "0" * 400 + "}"]
+    write_lines(job, lines)
+    result = cli("run", job.write(), "--dry-run")
+    assert result.exit_code == 1
+    assert "input.jsonl:2: 'max_tokens' is out of range" in result.output
+    assert sim.stats.requests == 0
