@@ -124,6 +124,8 @@ def build_summary(
     """The job as a whole (the rows of its input, what every run so far was charged) and
     this run alone."""
     cum_cost, unknown = price_usage(totals.spend_by_model, pricing)
+    if cum_cost is not None:  # what was charged, also where no result records it
+        cum_cost += totals.unseen_usd
     run_cost, _ = price_usage(stats.usage_by_model, pricing)
     lat = sorted(stats.latencies)
     run_usage = stats.usage

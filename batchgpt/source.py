@@ -521,8 +521,13 @@ def _json_kind(value: Any) -> str:
 
 
 def _short(text: str | None, limit: int = 60) -> str:
+    """Data from a record, fit for a one-line message: cut to ``limit`` characters, and
+    line breaks and other control characters escaped (a problem is one line)."""
     text = text or ""
-    return text if len(text) <= limit else text[:limit] + "…"
+    text = text if len(text) <= limit else text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def _did_you_mean(name: str, record: dict[str, Any]) -> str:
@@ -837,7 +842,8 @@ class _FirstRows:
                 else f" (line {line}'s fields: {listed})")
         nowhere = f"no record in {input_name} has a field '{field}'"
         if key == "prompt" and job.prompt is None:
-            example = next((f for f in fields if f not in ("id", job.id_field)), "text")
+            example = next((f for f in fields if f.isidentifier()
+                            and f not in ("id", job.id_field)), "text")
             message = (f"{job.where()}: the job has no `prompt`, so a record's 'text' is its "
                        f"message, but {nowhere}{hint}; set `prompt:` to a template over "
                        f"the records' fields, e.g. prompt: \"{{{_short(example, 30)}}}\"")

@@ -123,10 +123,10 @@ class Summary(_Model):
     usage: Usage
     cost_usd: float | None
     cost_unknown_models: list[str]
-    # Spend no result in the output records (USD): the cost of replaced results from
-    # before the index was lost (read back from the previous summary), and the worst case
-    # of requests sent and never answered (a killed run, abandoned requests). A cap
-    # (limits.max_cost_usd) counts it; cost_usd does not.
+    # Of cost_usd, what no result in the output records (USD): the cost of replaced
+    # results from before the index was lost (read back from the previous summary), and the
+    # worst case of requests sent and never answered (a killed run, abandoned requests).
+    # cost_usd and the cap (limits.max_cost_usd) both count it; status reports the same.
     cost_unrecorded_usd: float = 0.0
     this_run: ThisRun
     output: str
