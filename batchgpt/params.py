@@ -176,17 +176,19 @@ def unknown_price_hint(models: Sequence[str], pricing: Mapping[str, Price] | Non
 
 def price_check(model: str, *, pricing: Mapping[str, Price], max_cost_usd: float | None,
                 where: str) -> PriceCheck | None:
-    """The one decision on a model's price, for the job's model and for models named by
-    input lines alike. None when the price is known, or when it is unknown, no budget is
-    set, and the name is close to no priced model (the cost is then reported as unknown).
+    """The one decision on what to say about a job's ``model`` without a price (see
+    :meth:`batchgpt.config.JobConfig.model_price_check`; a capped job's other models,
+    named by input lines or by earlier results, are refused by
+    :func:`batchgpt.runner._spent_before`). None when the price is known, or when it is
+    unknown, no budget is set, and the name is close to no priced model (the cost is then
+    reported as unknown).
 
     - A budget (``limits.max_cost_usd``) needs every price: unknown is fatal, with a
       did-you-mean when the name is close to a priced model.
     - Without a budget an unknown price only makes the cost unknown: a warning, and only
       when there is a did-you-mean to give.
 
-    ``where`` starts the message: ``"jobs/x.yaml:4"`` for the job's ``model`` key, or a
-    description of where the model came from."""
+    ``where`` starts the message: ``"jobs/x.yaml:4"``, the job file's line of ``model``."""
     if resolve_price(model, pricing) is not None:
         return None
     suggestion = priced_model_suggestion(model, pricing)

@@ -712,9 +712,10 @@ def _settle_in_flight_record(store: Store, run: _Run) -> None:
 
 def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     """What the job was charged by earlier runs (none without ``store``), which a cap
-    covers too. With a cap, a model with no price anywhere (the job's model, the models
-    input lines name, the models earlier results were billed as) is a ConfigError before
-    anything is sent: its rows could spend past the cap unseen."""
+    covers too. With a cap, a model with no price that input lines name, or that earlier
+    results were billed as, is a ConfigError before anything is sent: its rows could spend
+    past the cap unseen. (The job's own ``model`` was checked before the input was read:
+    :meth:`JobConfig.model_price_check`, raised by :class:`InputFile`.)"""
     spent: float | None = 0.0
     unknown_before: list[str] = []
     if store is not None:
@@ -724,9 +725,6 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     if job.limits.max_cost_usd is None:
         return spent or 0.0
     where: dict[str, list[str]] = {}
-    if job.model:
-        for model in unpriced([job.model], job.pricing):
-            where.setdefault(model, []).append("the job's model")
     for model in unpriced(plan.by_model, job.pricing):
         rows = plan.by_model[model].rows
         where.setdefault(model, []).append(f"{rows:,} row{'s' if rows != 1 else ''} to send")
