@@ -364,12 +364,17 @@ class Joiner:
 
     def _record(self, scanned: ScannedRow, raw: IO[bytes]) -> tuple[dict[str, Any], str | None]:
         """The row's own columns and the model its request names. A template record is
-        read again at its offset (the scan keeps only its id and hash); a chat or Batch
-        API line's request was built by the scan."""
+        the one the scan parsed (kept where its hash was spliced), else read again at its
+        offset (the scan built its request, and kept that instead: a job whose defaults
+        make no splice); a chat or Batch API line's request was built by the scan."""
+        record = scanned.record
         if self._template is None:
-            self._template = self.source.builder.form(_line_at(raw, scanned)) == "template"
+            first = _line_at(raw, scanned) if record is None else record
+            self._template = self.source.builder.form(first) == "template"
         if self._template:
-            return record_columns(_line_at(raw, scanned)), self.job.model
+            if record is None:
+                record = _line_at(raw, scanned)
+            return record_columns(record), self.job.model
         body = scanned.row.body
         model = body.get("model")
         return ({"custom_id": scanned.custom_id, "last_user_message": last_user_message(body)},

@@ -708,6 +708,13 @@ class ScannedRow:
             self._record = None
         return self._row
 
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The parsed input line, kept by a template row whose hash was spliced (its
+        request is built only if :attr:`row` is asked for, which drops it); None for a
+        row whose request was built by the scan."""
+        return self._record
+
 
 def _unreadable(exc: ValueError) -> str:
     """The problem of a line json could not read (other than a JSONDecodeError)."""
