@@ -98,6 +98,12 @@ class Plan:
         return zip(self.offsets, self.lines, self.checks, strict=True)
 
 
+def not_in_input(results: int, in_input: int) -> int:
+    """Results in the output for ids that are not rows of the input: all its ``results``
+    (whatever their ids) less the ``in_input`` rows of the input that have one."""
+    return max(0, results - in_input)
+
+
 def make_plan(
     job: JobConfig, source: InputFile, store: Store | None, *, retry_failed: bool,
     limit: int | None, refuse_changed: bool = True,

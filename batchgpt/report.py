@@ -138,7 +138,7 @@ def build_summary(
         wall_time_s=round(wall_time_s, 3),
         requests=requests,
         failed_by_code=dict(sorted(failed_by_code.items())),
-        usage=sum(totals.spend_by_model.values(), Usage()),
+        usage=totals.usage,
         cost_usd=cum_cost,
         cost_unknown_models=unknown,
         cost_unrecorded_usd=round(totals.unseen_usd, 6),

@@ -32,7 +32,7 @@ from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
 from batchgpt.limiter import RateLimiter
 from batchgpt.logs import event
-from batchgpt.plan import Plan, make_plan, row_check
+from batchgpt.plan import Plan, make_plan, not_in_input, row_check
 from batchgpt.pricing import Usage, cost_usd, resolve_price
 from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
@@ -659,7 +659,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                          retry_failed=options.retry_failed, limit=options.limit)
         # --fresh sets the earlier results, and what they cost, aside with the job.
         spent_before = _spent_before(job, plan, None if options.fresh else store)
-        orphans = 0 if options.fresh else max(0, store.totals().results - plan.with_result)
+        orphans = 0 if options.fresh else not_in_input(store.totals().results, plan.with_result)
         if orphans and plan.new:
             event(log, logging.WARNING, "ids_changed",
                   "%s holds %d results for ids that are not in the input, and %d rows of the "
@@ -855,7 +855,7 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
     in_input = plan.with_result + stats.succeeded - replaced
     requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
                         pending=plan.rows - succeeded - failed,
-                        not_in_input=max(0, totals.results - in_input))
+                        not_in_input=not_in_input(totals.results, in_input))
     if run.stop_reason is not None:
         outcome = (Outcome.INTERRUPTED if run.stop_reason is StopReason.SIGNAL
                    else Outcome.ERROR if run.stop_reason is StopReason.INTERNAL_ERROR

@@ -210,6 +210,11 @@ class Totals:
     # was killed with on the wire. Counted by a cap; see Store.open.
     unseen_usd: float = 0.0
 
+    @property
+    def usage(self) -> Usage:
+        """The tokens of :attr:`spend_by_model`, summed over its models."""
+        return sum(self.spend_by_model.values(), Usage())
+
 
 def clean_text(value: str | None) -> str | None:
     """A string SQLite can store: a lone surrogate (a server may send one) would make
