@@ -317,3 +317,22 @@ def cost_usd(usage: Usage, price: Price | None, *, batch: bool = False) -> float
     uncached = usage.prompt_tokens - cached
     total = uncached * input_rate + cached * cached_rate + usage.completion_tokens * output_rate
     return float(total / _PER_MILLION)
+
+
+def price_usage(by_model: Mapping[str, Usage], pricing: Mapping[str, Price], *,
+                known_only: bool = False) -> tuple[float | None, list[str]]:
+    """The cost of usage spread over models, and the models that used tokens but have no
+    price (``"(unnamed)"`` for ``""``). The cost is None when there is such a model,
+    unless ``known_only``: then it is what the priced models cost, the unknown ones
+    counted as 0 (the least that was paid)."""
+    total = 0.0
+    unknown = []
+    for model, usage in by_model.items():
+        if usage.total_tokens == 0 and usage.prompt_tokens == 0:
+            continue
+        c = cost_usd(usage, resolve_price(model, pricing))
+        if c is None:
+            unknown.append(model or "(unnamed)")
+        else:
+            total += c
+    return (None if unknown and not known_only else total), unknown

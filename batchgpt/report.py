@@ -20,7 +20,7 @@ import aiofiles
 import aiofiles.os
 
 from batchgpt.params import unknown_price_hint
-from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
+from batchgpt.pricing import Price, Usage, price_usage
 from batchgpt.store.index import Totals
 from batchgpt.summary import (
     Latency,
@@ -82,24 +82,6 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[k]
-
-
-def price_usage(
-    by_model: Mapping[str, Usage], overrides: Mapping[str, Price]
-) -> tuple[float | None, list[str]]:
-    """Cost of usage spread over models; (None, unknown models) if any model has no price
-    and used tokens."""
-    total = 0.0
-    unknown = []
-    for model, usage in by_model.items():
-        if usage.total_tokens == 0 and usage.prompt_tokens == 0:
-            continue
-        c = cost_usd(usage, resolve_price(model, overrides))
-        if c is None:
-            unknown.append(model or "(unnamed)")
-        else:
-            total += c
-    return (None if unknown else total), unknown
 
 
 def build_summary(

@@ -33,10 +33,10 @@ from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarg
 from batchgpt.limiter import RateLimiter
 from batchgpt.logs import event
 from batchgpt.plan import Plan, make_plan, not_in_input, row_check
-from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
 from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
-from batchgpt.report import RunStats, build_summary, price_usage, render_table, write_summary
+from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso

@@ -15,7 +15,7 @@ from typing import Any
 from batchgpt.config import JobConfig
 from batchgpt.errors import InputError
 from batchgpt.plan import Plan, make_plan, not_in_input
-from batchgpt.report import price_usage
+from batchgpt.pricing import price_usage
 from batchgpt.source import InputFile
 from batchgpt.store import JobLock, Store
 from batchgpt.summary import Summary

@@ -19,13 +19,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
 from batchgpt.files import file_kind
-from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
+from batchgpt.pricing import price_usage
 from batchgpt.store.index import (
     Index,
     Settled,
@@ -162,7 +162,8 @@ class Store:
             unseen += allowance
         if index_was_lost:
             before = _summary_spend(self.job)
-            now = priced_spend(index.totals().spend_by_model, self.job.pricing)
+            now = price_usage(index.totals().spend_by_model, self.job.pricing,
+                              known_only=True)[0] or 0.0  # never None with known_only
             if before is not None and before > now + 1e-9:
                 log.warning("the index of %s was rebuilt from the output; the last summary "
                             "says $%.6f more was paid (results replaced before): counted "
@@ -364,15 +365,6 @@ class Store:
         """What is stored for each of ``ids`` (export, show): results and failures, read
         in batches; ids with neither are left out."""
         return self.index.lookup(ids)
-
-
-def priced_spend(by_model: dict[str, Usage], pricing: Mapping[str, Price]) -> float:
-    """USD of the usage that has a price (unknown prices count as 0 here)."""
-    total = 0.0
-    for model, usage in by_model.items():
-        cost = cost_usd(usage, resolve_price(model, pricing))
-        total += cost or 0.0
-    return total
 
 
 def _summary_spend(job: JobConfig) -> float | None:
