@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -26,7 +25,7 @@ import typer
 from batchgpt import __version__
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
-from batchgpt.files import NotRegularFile
+from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.runner import RunOptions, run_job
 
@@ -178,9 +177,7 @@ def _check_writable_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise StateError(f"{what} {path} is a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder, path.name)
     except OSError as exc:
         raise StateError(f"cannot write {what} {path}: {exc.strerror}; nothing was "
                          "sent") from None

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
-from batchgpt.files import file_kind
+from batchgpt.files import file_kind, probe_writable
 from batchgpt.pricing import price_usage
 from batchgpt.store.index import (
     Index,
@@ -214,10 +213,7 @@ class Store:
         try:
             if self.out.exists():
                 os.close(os.open(self.out.path, os.O_WRONLY | os.O_APPEND))
-            fd, probe = tempfile.mkstemp(prefix=f".{self.out.path.name}.", suffix=".probe",
-                                         dir=self.out.path.parent)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(self.out.path.parent, self.out.path.name)
         except OSError as exc:
             raise StateError(
                 f"cannot write {exc.filename or self.out.path}: {exc.strerror}; nothing was "
