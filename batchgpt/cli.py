@@ -161,10 +161,7 @@ def _main(
 
 def _load(job_path: Path) -> JobConfig:
     global _crash_dir
-    try:
-        job = JobConfig.load(job_path)
-    except BatchGPTError as exc:
-        _fail(exc)
+    job = JobConfig.load(job_path)  # a ConfigError is the command's: see _guarded
     _crash_dir = job.state_dir
     _secrets[:] = [os.environ.get(job.api.api_key_env)]
     return job
@@ -248,16 +245,13 @@ def run(
 
         live = LiveProgress()
         options.progress = live.update
-    try:
-        with _signals_end_the_command("before anything was sent; results written so far "
-                                      "are kept"):
-            if live is not None:
-                with live:
-                    result = asyncio.run(run_job(job, options))
-            else:
+    with _signals_end_the_command("before anything was sent; results written so far are "
+                                  "kept"):
+        if live is not None:
+            with live:
                 result = asyncio.run(run_job(job, options))
-    except BatchGPTError as exc:
-        _fail(exc)
+        else:
+            result = asyncio.run(run_job(job, options))
     if dry_run or result.report is None:
         from batchgpt.estimate import render_estimate
 
@@ -302,10 +296,7 @@ def status(
     from batchgpt.status import job_status, render_status
 
     job = _load(job_path)
-    try:
-        info = job_status(job)
-    except BatchGPTError as exc:
-        _fail(exc)
+    info = job_status(job)
     if as_json:
         typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:
