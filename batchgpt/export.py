@@ -474,15 +474,6 @@ def opened(job: JobConfig, job_hint: str) -> Iterator[tuple[Store, ResultReader]
         store.close()
 
 
-def export_rows(job: JobConfig) -> Iterator[dict[str, Any]]:
-    """Every input row joined with its result, in input order (the library's way to the
-    table ``batchgpt export`` writes; the store stays open until the iterator ends or is
-    closed)."""
-    with opened(job, "JOB") as (store, reader):
-        for _, row in Joiner(job, store, reader, ExportStats()).rows():
-            yield row
-
-
 # -- columns ------------------------------------------------------------------------------------
 
 def columns_of(rows: Sequence[dict[str, Any]], json_mode: bool, template: bool) -> list[str]:
@@ -546,8 +537,7 @@ def _cell(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def write_jsonl(rows: Rows, sink: IO[bytes], fields: list[str] | None,
-                stats: ExportStats) -> None:
+def write_jsonl(rows: Rows, sink: IO[bytes], fields: list[str] | None) -> None:
     """One JSON object per row: every field of the row (nothing is left out), or exactly
     ``fields``."""
     write = sink.write
@@ -764,7 +754,7 @@ def export(job: JobConfig, *, fmt: str = "jsonl", fields: str | None = None,
 
         def write(sink: IO[bytes]) -> None:
             if fmt == "jsonl":
-                write_jsonl(all_rows(), sink, selected, stats)
+                write_jsonl(all_rows(), sink, selected)
             elif fmt == "csv":
                 write_csv(all_rows(), sink, stats.columns, stats)
             else:

@@ -181,7 +181,6 @@ class _Run:
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
         self.stop_exit: int | None = None
-        self.crash_file: Path | None = None
         self.stopping = asyncio.Event()
         self.abandon = asyncio.Event()
         self.waiting_tasks: set[asyncio.Task[None]] = set()
@@ -366,8 +365,8 @@ class _Run:
         from batchgpt.crash import write_crash_report
 
         try:
-            self.crash_file = write_crash_report(exc, self.job.state_dir, self.redact.text)
-            where = f"; the traceback is in {self.crash_file}"
+            crash_file = write_crash_report(exc, self.job.state_dir, self.redact.text)
+            where = f"; the traceback is in {crash_file}"
         except OSError:
             where = ""
         self.request_stop(

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgpt.errors import StateError
 from batchgpt.pricing import Usage
 from batchgpt.store.output_log import answer_tag
 
@@ -718,6 +717,6 @@ def discard(path: Path) -> Path | None:
 
 
 __all__ = [
-    "Index", "NewFailure", "NewResult", "Settled", "StateError", "StoredFailure",
+    "Index", "NewFailure", "NewResult", "Settled", "StoredFailure",
     "StoredResult", "StoredRow", "Totals",
 ]
