@@ -29,6 +29,7 @@ from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
 from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
 from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
+from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_credentials, sent_no_key
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
 from batchgpt.limiter import RateLimiter
 from batchgpt.logs import event
@@ -485,8 +486,6 @@ class _Run:
 
     def _stop_message(self, reason: str, failure: Failure) -> str:
         if reason == "authentication" and self.sent_no_key:
-            from batchgpt.credentials import no_key_message
-
             return no_key_message(self.job.api.api_key_env, self.base_url)
         return _stop_message(reason, failure)
 
@@ -683,16 +682,15 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                                           for src, dst in store.previous_files()}
             return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est,
                              output=Path(job.output), failures_file=job.failures_path)
-        if plan.to_send and not options.sandbox:
-            from batchgpt.credentials import resolve_credentials
-
-            resolve_credentials(job.api, None)  # a missing or bad key: before anything moves
+        # A missing or bad key: before anything moves.
+        credentials = (resolve_credentials(job.api, None)
+                       if plan.to_send and not options.sandbox else None)
         moved: list[tuple[Path, Path]] = []
         if options.fresh:
             moved = store.set_aside_previous()
             for src, dst in moved:
                 log.info("--fresh: moved %s to %s", src, dst)
-        result = await _execute(job, options, store, plan, source, spent_before)
+        result = await _execute(job, options, store, plan, source, spent_before, credentials)
         result.set_aside = moved
         return result
     finally:
@@ -748,7 +746,10 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
 
 
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                   source: InputFile, spent_before: float = 0.0) -> RunResult:
+                   source: InputFile, spent_before: float,
+                   credentials: tuple[str | None, str] | None) -> RunResult:
+    """Send the plan's rows. ``credentials``: (base URL, key) as :func:`run_job` resolved
+    them, None with ``--sandbox`` (the simulator's) or nothing to send."""
     clock = options.clock or SystemClock()
     started_at = now_iso()
     t0 = clock.monotonic()
@@ -786,7 +787,6 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
     housekeeping: asyncio.Task[None] | None = None
     try:
         if plan.to_send:
-            sandbox_url = None
             if options.sandbox:
                 from batchgpt.simulator import Simulator, SimulatorConfig
 
@@ -794,12 +794,11 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                 sandbox_url = await sim.start()
                 event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no API "
                       "key used)", sandbox_url, job=job.job_name, url=sandbox_url)
+                credentials = resolve_credentials(job.api, sandbox_url)
             from batchgpt.client import ChatClient
-            from batchgpt.credentials import resolve_credentials
 
-            base_url, key = resolve_credentials(job.api, sandbox_url)
-            from batchgpt.credentials import OPENAI_BASE_URL, sent_no_key
-
+            assert credentials is not None, "run_job resolves them when there is a row to send"
+            base_url, key = credentials
             run.base_url = base_url or OPENAI_BASE_URL
             run.sent_no_key = sent_no_key(key)
             run.redact = run.redact.with_secrets(key)
