@@ -27,6 +27,7 @@ from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
 from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
+from batchgpt.redact import Redactor
 from batchgpt.runner import RunOptions, run_job
 
 app = typer.Typer(
@@ -41,7 +42,7 @@ JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_defaul
 P = ParamSpec("P")
 R = TypeVar("R")
 _crash_dir: Path | None = None  # where a traceback goes: the job's state folder, once known
-_secrets: list[str | None] = []  # what a crash report must not contain, once known
+_redactor = Redactor()  # what a crash report must not contain: the run's key, once known
 
 
 class Interrupted(BaseException):
@@ -125,9 +126,8 @@ def _guarded(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code) from None
         except Exception as exc:
             from batchgpt.crash import write_crash_report
-            from batchgpt.redact import Redactor
 
-            scrub = Redactor(_secrets).text
+            scrub = _redactor.text
             crash: Path | None
             try:
                 crash = write_crash_report(exc, _crash_dir, scrub)
@@ -160,10 +160,10 @@ def _main(
 
 
 def _load(job_path: Path) -> JobConfig:
-    global _crash_dir
+    global _crash_dir, _redactor
     job = JobConfig.load(job_path)  # a ConfigError is the command's: see _guarded
     _crash_dir = job.state_dir
-    _secrets[:] = [os.environ.get(job.api.api_key_env)]
+    _redactor = Redactor.for_key(job.api.api_key_env)
     return job
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import AnyStr, Generic
@@ -186,6 +187,12 @@ class Redactor:
             b for b in (_encode(t) for t in texts) if b is not None))
         self._text_parts = tuple(_Pattern(t) for t in texts)
         self._byte_parts = tuple(_Pattern(b) for b in self._needles)
+
+    @classmethod
+    def for_key(cls, api_key_env: str) -> Redactor:
+        """A redactor of the run's API key: the value of the environment variable
+        ``api_key_env`` (a job's ``api.api_key_env``), if it is set."""
+        return cls([os.environ.get(api_key_env)])
 
     def with_secrets(self, *secrets: str | None) -> Redactor:
         """A redactor for these secrets as well as this one's."""

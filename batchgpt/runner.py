@@ -195,7 +195,7 @@ class _Run:
         self.client: ChatClient | None = None
         self.base_url = ""  # where requests go, for messages
         self.sent_no_key = False  # a base URL and an empty key variable: a placeholder
-        self.redact = Redactor([os.environ.get(job.api.api_key_env)])
+        self.redact = Redactor.for_key(job.api.api_key_env)
         self.warned_usage = False
 
     # -- concurrency --------------------------------------------------------------------
