@@ -29,7 +29,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from batchgpt.pricing import PRICES, Price, resolve_price
+from batchgpt.pricing import DATE_SUFFIX, PRICES, Price, resolve_price
 
 # openai 3.57's CompletionCreateParams (Base and Streaming), sorted. The installed SDK's
 # list is added to it when a name is not found here (see known_params).
@@ -132,16 +132,13 @@ def param_suggestion(name: str) -> str | None:
 
 
 # -- model names and prices -----------------------------------------------------------------
-_DATE = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
-
-
 def priced_model_suggestion(model: str, pricing: Mapping[str, Price] | None = None
                             ) -> str | None:
     """The priced model ``model`` is probably a slip for (``gpt4o-mini`` → ``gpt-4o-mini``),
     or None. A different digit is a different model, not a slip (``o1`` is not ``o3``,
     ``gpt-4.5`` is not ``gpt-4.1``), so only letters and separators may differ."""
     base = model.rsplit("/", 1)[-1]
-    base = _DATE.sub("", base) or base
+    base = DATE_SUFFIX.sub("", base) or base
     names = sorted({*PRICES, *(pricing or {})})
     found = [n for n in names if is_close(base, n)
              and sorted(_digits(base)) == sorted(_digits(n))]

@@ -114,8 +114,9 @@ _PRICED_APART: frozenset[str] = frozenset(
     {"gpt-4o-2024-05-13", "gpt-3.5-turbo-0301", "gpt-3.5-turbo-0613", "gpt-3.5-turbo-1106"}
 )
 
-# "-2024-07-18" (current style) or "-0613" (older style, MMDD).
-_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+# "-2024-07-18" (current style) or "-0613" (older style, MMDD): a model's snapshot date,
+# stripped to find its family's price (and by batchgpt.params, to find a slip's model).
+DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
 def _candidate_names(model: str) -> list[str]:
@@ -125,7 +126,7 @@ def _candidate_names(model: str) -> list[str]:
     if "/" in model:
         names.append(model.rsplit("/", 1)[1])
     for name in list(names):
-        family = _DATE_SUFFIX.sub("", name)
+        family = DATE_SUFFIX.sub("", name)
         if family != name and family and name.rsplit("/", 1)[-1] not in _PRICED_APART:
             names.append(family)
     return names
