@@ -30,6 +30,7 @@ import openai
 
 from batchgpt.redact import Redactor
 from batchgpt.retry import Failure, Kind
+from batchgpt.source import has_surrogate
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,15 +249,7 @@ def _human(redact: Redactor | None, text: str, limit: int) -> str:
     if redact is not None:
         text = redact.text(text)
     text = text[:limit]
-    return text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return text.encode("utf-8", "replace").decode("utf-8") if has_surrogate(text) else text
 
 
 def _label(value: object) -> str | None:

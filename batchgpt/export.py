@@ -64,6 +64,7 @@ from batchgpt.files import open_regular
 from batchgpt.pricing import Price, cost_usd, resolve_price
 from batchgpt.source import InputFile, ScannedRow
 from batchgpt.store import Store, StoredFailure, StoredResult, StoredRow
+from batchgpt.store.index import clean_text
 from batchgpt.store.output_log import encode_line, fsync_dir, line_is_result_of
 
 log = logging.getLogger("batchgpt")
@@ -662,14 +663,9 @@ def _table(pa: Any, schema: Any, group: list[list[Any]]) -> Any:
         try:
             arrays.append(pa.array(values, type=f.type))
         except UnicodeEncodeError:  # a lone surrogate a server sent: kept, escaped
-            arrays.append(pa.array([_clean(v) for v in values], type=f.type))
+            arrays.append(pa.array([clean_text(v) if isinstance(v, str) else v
+                                    for v in values], type=f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
 
 
 # -- the command ----------------------------------------------------------------------------------

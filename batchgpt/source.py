@@ -369,7 +369,7 @@ class RowBuilder:
         if not text.strip():
             raise RowError(f"the id is empty: the job's id template {_short(self._job.id)!r} "
                            f"gives {text!r} for this record")
-        if not text.isascii() and _has_surrogate(text):
+        if not text.isascii() and has_surrogate(text):
             raise RowError(_surrogate_message("id", text))
         return text
 
@@ -409,7 +409,7 @@ class RowBuilder:
 
     def _unencodable(self, record: dict[str, Any], form: Form) -> str:
         for name, value in self._sent_parts(record, form):
-            found = _find(value, _has_surrogate, _key_path("", name))
+            found = _find(value, has_surrogate, _key_path("", name))
             if found is not None:
                 return _surrogate_message(*found)
         return "the request cannot be written as UTF-8 (a lone surrogate)"
@@ -502,7 +502,7 @@ def _id(value: Any, key: str) -> str:
     text = str(value)
     if not text.strip():
         raise RowError(f"'{key}' is empty")
-    if not text.isascii() and _has_surrogate(text):
+    if not text.isascii() and has_surrogate(text):
         raise RowError(_surrogate_message(key, text))
     return text
 
@@ -521,7 +521,7 @@ def _check_messages(messages: Any, where: str) -> None:
 
 
 # -- values that JSON text can hold but a request can't -------------------------------------
-def _has_surrogate(value: Any) -> bool:
+def has_surrogate(value: Any) -> bool:
     """A string that can't be written as UTF-8: it holds a lone surrogate (what a JSON
     escape like "\\ud800" without its other half decodes to)."""
     if not isinstance(value, str) or value.isascii():
@@ -602,7 +602,7 @@ def _check_job_values(job: JobConfig) -> None:
     """The job's own strings and numbers go into every request: the same rules."""
     for where, value in (("model", job.model), ("system", job.system),
                          ("prompt", job.prompt), ("params", job.params)):
-        found = _find(value, _has_surrogate, where)
+        found = _find(value, has_surrogate, where)
         if found is not None:
             raise ConfigError(_surrogate_message(*found))
         message = _non_finite_in(value, where)
