@@ -432,7 +432,7 @@ class _Run:
             if decision.action is Action.FAIL_ROW:
                 await self._fail(row, failure, attempt, decision.transient)
                 return
-            reason = _STOP_REASONS.get(decision.reason, StopReason.RATE_LIMIT)
+            reason = _stop_reason(decision.reason)
             self.request_stop(reason, self._stop_message(decision.reason, failure),
                               ExitCode.ERROR)
             return
@@ -609,13 +609,15 @@ class _Run:
         }
 
 
-_STOP_REASONS = {
-    "quota": StopReason.QUOTA,
-    "authentication": StopReason.AUTHENTICATION,
-    "permission": StopReason.PERMISSION,
-    "model not found": StopReason.MODEL_NOT_FOUND,
-    "invalid URL": StopReason.INVALID_URL,
-}
+def _stop_reason(reason: str) -> StopReason:
+    """Why :func:`batchgpt.retry.decide` stopped the run, as a StopReason: its reason
+    names one ("quota", "authentication", "permission", "model not found", "invalid URL"),
+    or it is the one other reason it stops for, a rate limit too long to wait out
+    ("rate limit: the server asks to wait …")."""
+    try:
+        return StopReason(reason)
+    except ValueError:
+        return StopReason.RATE_LIMIT
 
 
 def _usd(value: float | None) -> str:
