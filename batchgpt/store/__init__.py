@@ -105,7 +105,7 @@ class Store:
             for message in self.recovery.messages(self.out.path, dry=False):
                 log.warning("%s", message)
             self._account_unseen_spend(index_was_lost=why is not None)
-            if index.meta_int("dead_lines") and not index.spare_count():
+            if self._compaction_due():
                 self._compact()  # (with spares, after the plan has picked among them)
             self._check_writable()
         except OSError as exc:
@@ -138,7 +138,7 @@ class Store:
         self._check_owner(write=False)
         if lost and not self.out.exists() and not self.failures_path.exists():
             return
-        if not lost and trusted(self.out, index) and not index.unadopted_count():
+        if not lost and trusted(self.out.fingerprint(), index) and not index.unadopted_count():
             return
         if index.path is not None:  # the plan will record, in a copy, what it adopts
             index = index.copy_to_memory()
@@ -302,7 +302,7 @@ class Store:
         what the index says), rewrite the failures file. Problems are logged, never
         raised: the results are safe in the output whatever happens here."""
         healthy = self.writer is None or self.writer.healthy
-        if healthy and self.index.meta_int("dead_lines") and not self.index.spare_count():
+        if healthy and self._compaction_due():
             fp = self.out.fingerprint()
             if fp is not None and fp.size == self.out.size:
                 self._compact()
@@ -310,6 +310,12 @@ class Store:
             self._write_failures()
         except OSError as exc:
             log.warning("cannot write %s: %s", self.failures_path, exc.strerror)
+
+    def _compaction_due(self) -> bool:
+        """The output holds superseded lines, and no spare results wait to be picked
+        among (with spares, the plan picks first)."""
+        index = self.index
+        return bool(index.meta_int("dead_lines")) and not index.spare_count()
 
     def _compact(self) -> None:
         """Rewrite the output with only the live line of each result: write the new file
