@@ -59,8 +59,11 @@ class Attempt:
 class ChatClient:
     """Sends one request at a time per call; safe to share across tasks.
 
-    ``redact`` holds the run's secrets; the client always adds its own ``api_key`` (and a
-    password in ``base_url``) to it, so a caller that passes none is protected too.
+    ``redact`` holds the run's secrets; the client always adds its own ``api_key`` to it,
+    so a caller that passes none is protected too. It adds a password in ``base_url`` as
+    well, which only a caller using ChatClient directly can pass: a job refuses a base URL
+    with a user name or password (``api.base_url`` and ``OPENAI_BASE_URL`` alike, see
+    :func:`batchgpt.credentials.base_url_problem`).
     """
 
     def __init__(
@@ -265,7 +268,8 @@ def _str(value: object) -> str | None:
 
 
 def _url_password(base_url: str | None) -> str | None:
-    """The password in ``https://user:password@host/…``, a secret like the key."""
+    """The password in ``https://user:password@host/…``, a secret like the key (for
+    direct users of ChatClient: a job's base URL never has one)."""
     if not base_url:
         return None
     try:
