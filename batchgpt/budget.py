@@ -87,11 +87,6 @@ class Budget:
 
     # -- the figures ----------------------------------------------------------------------
     @property
-    def spent_before(self) -> float:
-        """What the job was charged by earlier runs."""
-        return float(self._before)
-
-    @property
     def spent_this_run(self) -> float:
         return float(self._run)
 

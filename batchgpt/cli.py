@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -26,8 +25,9 @@ import typer
 from batchgpt import __version__
 from batchgpt.config import JobConfig
 from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
-from batchgpt.files import NotRegularFile
+from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
+from batchgpt.redact import Redactor
 from batchgpt.runner import RunOptions, run_job
 
 app = typer.Typer(
@@ -42,7 +42,7 @@ JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_defaul
 P = ParamSpec("P")
 R = TypeVar("R")
 _crash_dir: Path | None = None  # where a traceback goes: the job's state folder, once known
-_secrets: list[str | None] = []  # what a crash report must not contain, once known
+_redactor = Redactor()  # what a crash report must not contain: the run's key, once known
 
 
 class Interrupted(BaseException):
@@ -126,9 +126,8 @@ def _guarded(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code) from None
         except Exception as exc:
             from batchgpt.crash import write_crash_report
-            from batchgpt.redact import Redactor
 
-            scrub = Redactor(_secrets).text
+            scrub = _redactor.text
             crash: Path | None
             try:
                 crash = write_crash_report(exc, _crash_dir, scrub)
@@ -161,13 +160,10 @@ def _main(
 
 
 def _load(job_path: Path) -> JobConfig:
-    global _crash_dir
-    try:
-        job = JobConfig.load(job_path)
-    except BatchGPTError as exc:
-        _fail(exc)
+    global _crash_dir, _redactor
+    job = JobConfig.load(job_path)  # a ConfigError is the command's: see _guarded
     _crash_dir = job.state_dir
-    _secrets[:] = [os.environ.get(job.api.api_key_env)]
+    _redactor = Redactor.for_key(job.api.api_key_env)
     return job
 
 
@@ -178,9 +174,7 @@ def _check_writable_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise StateError(f"{what} {path} is a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder, path.name)
     except OSError as exc:
         raise StateError(f"cannot write {what} {path}: {exc.strerror}; nothing was "
                          "sent") from None
@@ -251,16 +245,13 @@ def run(
 
         live = LiveProgress()
         options.progress = live.update
-    try:
-        with _signals_end_the_command("before anything was sent; results written so far "
-                                      "are kept"):
-            if live is not None:
-                with live:
-                    result = asyncio.run(run_job(job, options))
-            else:
+    with _signals_end_the_command("before anything was sent; results written so far are "
+                                  "kept"):
+        if live is not None:
+            with live:
                 result = asyncio.run(run_job(job, options))
-    except BatchGPTError as exc:
-        _fail(exc)
+        else:
+            result = asyncio.run(run_job(job, options))
     if dry_run or result.report is None:
         from batchgpt.estimate import render_estimate
 
@@ -305,10 +296,7 @@ def status(
     from batchgpt.status import job_status, render_status
 
     job = _load(job_path)
-    try:
-        info = job_status(job)
-    except BatchGPTError as exc:
-        _fail(exc)
+    info = job_status(job)
     if as_json:
         typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:

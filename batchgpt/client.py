@@ -30,6 +30,7 @@ import openai
 
 from batchgpt.redact import Redactor
 from batchgpt.retry import Failure, Kind
+from batchgpt.source import has_surrogate
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +59,11 @@ class Attempt:
 class ChatClient:
     """Sends one request at a time per call; safe to share across tasks.
 
-    ``redact`` holds the run's secrets; the client always adds its own ``api_key`` (and a
-    password in ``base_url``) to it, so a caller that passes none is protected too.
+    ``redact`` holds the run's secrets; the client always adds its own ``api_key`` to it,
+    so a caller that passes none is protected too. It adds a password in ``base_url`` as
+    well, which only a caller using ChatClient directly can pass: a job refuses a base URL
+    with a user name or password (``api.base_url`` and ``OPENAI_BASE_URL`` alike, see
+    :func:`batchgpt.credentials.base_url_problem`).
     """
 
     def __init__(
@@ -248,15 +252,7 @@ def _human(redact: Redactor | None, text: str, limit: int) -> str:
     if redact is not None:
         text = redact.text(text)
     text = text[:limit]
-    return text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return text.encode("utf-8", "replace").decode("utf-8") if has_surrogate(text) else text
 
 
 def _label(value: object) -> str | None:
@@ -272,7 +268,8 @@ def _str(value: object) -> str | None:
 
 
 def _url_password(base_url: str | None) -> str | None:
-    """The password in ``https://user:password@host/…``, a secret like the key."""
+    """The password in ``https://user:password@host/…``, a secret like the key (for
+    direct users of ChatClient: a job's base URL never has one)."""
     if not base_url:
         return None
     try:

@@ -275,20 +275,19 @@ class JobConfig(_Strict):
         line = self._lines.get(key)
         return f"{self._file}:{line}" if line else str(self._file)
 
-    def model_price_check(self, model: str | None = None, where: str | None = None
-                          ) -> PriceCheck | None:
-        """What to say about ``model``'s price (default: the job's ``model``), the one
-        decision (:func:`batchgpt.params.price_check`): a ``fatal`` check is a ConfigError
-        before anything is sent, any other a warning given once. The message starts with
-        the job file's line of ``model`` for the job's model, else with ``where`` (for a
-        model named by input lines: say which, e.g. ``data/in.jsonl:12``)."""
-        model = self.model if model is None else model
-        if model is None:
+    def model_price_check(self) -> PriceCheck | None:
+        """What to say about the price of the job's own ``model`` (None without one), the
+        one decision of :func:`batchgpt.params.price_check`, the message starting with the
+        job file's line of ``model``: a ``fatal`` check (a budget, an unknown price) is a
+        ConfigError before anything is sent (:class:`batchgpt.source.InputFile` raises it,
+        so every command that reads the input refuses the job), any other a warning given
+        once. Models that input lines name, and those earlier results were billed as, are
+        checked for a capped job by :func:`batchgpt.runner._spent_before`, once the input
+        is planned."""
+        if self.model is None:
             return None
-        if model == self.model:
-            where = self.where("model")
-        return price_check(model, pricing=self.pricing, max_cost_usd=self.limits.max_cost_usd,
-                           where=where or str(self.input))
+        return price_check(self.model, pricing=self.pricing,
+                           max_cost_usd=self.limits.max_cost_usd, where=self.where("model"))
 
     # -- derived -----------------------------------------------------------------------
     @property

@@ -14,7 +14,6 @@ model are seen before they are paid for.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from batchgpt.config import JobConfig
@@ -82,7 +81,7 @@ def sample_request(plan: Plan, source: InputFile) -> dict[str, Any]:
     if not plan.to_send:
         return {"sample_request": None, "sample_request_row": None}
     row = next(source.read_at(iter([(plan.offsets[0], plan.lines[0])])))
-    redact = Redactor([os.environ.get(source.job.api.api_key_env)])
+    redact = Redactor.for_key(source.job.api.api_key_env)
     return {"sample_request": redact.clean(row.body),
             "sample_request_row": {"custom_id": redact.clean(row.custom_id),
                                    "line": row.line}}

@@ -64,6 +64,7 @@ from batchgpt.files import open_regular
 from batchgpt.pricing import Price, cost_usd, resolve_price
 from batchgpt.source import InputFile, ScannedRow
 from batchgpt.store import Store, StoredFailure, StoredResult, StoredRow
+from batchgpt.store.index import clean_text
 from batchgpt.store.output_log import encode_line, fsync_dir, line_is_result_of
 
 log = logging.getLogger("batchgpt")
@@ -364,12 +365,17 @@ class Joiner:
 
     def _record(self, scanned: ScannedRow, raw: IO[bytes]) -> tuple[dict[str, Any], str | None]:
         """The row's own columns and the model its request names. A template record is
-        read again at its offset (the scan keeps only its id and hash); a chat or Batch
-        API line's request was built by the scan."""
+        the one the scan parsed (kept where its hash was spliced), else read again at its
+        offset (the scan built its request, and kept that instead: a job whose defaults
+        make no splice); a chat or Batch API line's request was built by the scan."""
+        record = scanned.record
         if self._template is None:
-            self._template = self.source.builder.form(_line_at(raw, scanned)) == "template"
+            first = _line_at(raw, scanned) if record is None else record
+            self._template = self.source.builder.form(first) == "template"
         if self._template:
-            return record_columns(_line_at(raw, scanned)), self.job.model
+            if record is None:
+                record = _line_at(raw, scanned)
+            return record_columns(record), self.job.model
         body = scanned.row.body
         model = body.get("model")
         return ({"custom_id": scanned.custom_id, "last_user_message": last_user_message(body)},
@@ -469,15 +475,6 @@ def opened(job: JobConfig, job_hint: str) -> Iterator[tuple[Store, ResultReader]
         store.close()
 
 
-def export_rows(job: JobConfig) -> Iterator[dict[str, Any]]:
-    """Every input row joined with its result, in input order (the library's way to the
-    table ``batchgpt export`` writes; the store stays open until the iterator ends or is
-    closed)."""
-    with opened(job, "JOB") as (store, reader):
-        for _, row in Joiner(job, store, reader, ExportStats()).rows():
-            yield row
-
-
 # -- columns ------------------------------------------------------------------------------------
 
 def columns_of(rows: Sequence[dict[str, Any]], json_mode: bool, template: bool) -> list[str]:
@@ -541,8 +538,7 @@ def _cell(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def write_jsonl(rows: Rows, sink: IO[bytes], fields: list[str] | None,
-                stats: ExportStats) -> None:
+def write_jsonl(rows: Rows, sink: IO[bytes], fields: list[str] | None) -> None:
     """One JSON object per row: every field of the row (nothing is left out), or exactly
     ``fields``."""
     write = sink.write
@@ -667,14 +663,9 @@ def _table(pa: Any, schema: Any, group: list[list[Any]]) -> Any:
         try:
             arrays.append(pa.array(values, type=f.type))
         except UnicodeEncodeError:  # a lone surrogate a server sent: kept, escaped
-            arrays.append(pa.array([_clean(v) for v in values], type=f.type))
+            arrays.append(pa.array([clean_text(v) if isinstance(v, str) else v
+                                    for v in values], type=f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -759,7 +750,7 @@ def export(job: JobConfig, *, fmt: str = "jsonl", fields: str | None = None,
 
         def write(sink: IO[bytes]) -> None:
             if fmt == "jsonl":
-                write_jsonl(all_rows(), sink, selected, stats)
+                write_jsonl(all_rows(), sink, selected)
             elif fmt == "csv":
                 write_csv(all_rows(), sink, stats.columns, stats)
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import tempfile
 
 
 class NotRegularFile(OSError):
@@ -44,3 +45,11 @@ def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
         os.close(fd)
         raise NotRegularFile(path, kind)
     return open(fd, "rb")
+
+
+def probe_writable(folder: str | os.PathLike[str], name: str) -> None:
+    """Create and remove a file in ``folder`` (``.<name>.…probe``): whether a file named
+    ``name`` could be written, or swapped in, there. Raises the OSError of the attempt."""
+    fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".probe", dir=folder)
+    os.close(fd)
+    os.unlink(probe)

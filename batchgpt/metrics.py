@@ -25,14 +25,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchgpt.pricing import Usage
 from batchgpt.summary import Outcome, Summary
 
 __all__ = ["JOB_LABEL", "LAST_SUCCESS_METRIC", "OUTCOMES", "write_metrics"]
@@ -46,19 +46,14 @@ LAST_SUCCESS_METRIC = "batchgpt_last_success_timestamp_seconds"
 # `batchgpt_run_outcome{outcome="completed"} == 0` instead of testing for absence.
 OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.DRY_RUN)
 
-_ROW_STATUSES = ("succeeded", "failed", "pending")
-_TOKEN_KINDS = {
-    "prompt": "prompt_tokens",
-    "completion": "completion_tokens",
-    "cached": "cached_tokens",
-    "reasoning": "reasoning_tokens",
-    "total": "total_tokens",
-}
-_RUN_RESULTS = ("sent", "succeeded", "failed", "retries", "rate_limited")
-_QUANTILES = {"0.5": "p50", "0.95": "p95", "0.99": "p99", "1": "max"}
-
 # (label values after `job`, value); a None value means "not known", and is left out.
 _Samples = Iterable[tuple[tuple[str, ...], float | None]]
+
+
+def _tokens(usage: Usage) -> _Samples:
+    return [(("prompt",), usage.prompt_tokens), (("completion",), usage.completion_tokens),
+            (("cached",), usage.cached_tokens), (("reasoning",), usage.reasoning_tokens),
+            (("total",), usage.total_tokens)]
 
 
 def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
@@ -66,17 +61,15 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
 
     A figure that is None leaves its sample out rather than writing a 0 that would read
     as a fact: "cost unknown" (a model without a price) must not look like "free". The
-    summary is the typed model the summary file is written from, so a renamed field is a
-    type error here, never a metric that silently disappears. OSError from writing the
-    file is left to the caller.
+    summary is the typed model the summary file is written from, and its fields are read
+    as attributes, so a renamed field is a type error here, never a metric that silently
+    disappears. OSError from writing the file is left to the caller.
     """
     job = summary.job
-    requests = summary.requests.model_dump()
-    usage = summary.usage.model_dump()
+    requests = summary.requests
     this_run = summary.this_run
-    run_requests = this_run.requests.model_dump()
-    run_usage = this_run.usage.model_dump()
-    latency = this_run.latency_s.model_dump()
+    run_requests = this_run.requests
+    latency = this_run.latency_s
     errors = this_run.errors_by_code
     outcome = summary.outcome.value
     finished_at = _timestamp(summary.finished_at)
@@ -102,14 +95,15 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "(given up on, listed in the failures file) or pending (not done yet; a later run "
         "resumes them).",
         ("status",),
-        (((status,), _number(requests, status)) for status in _ROW_STATUSES),
+        [(("succeeded",), requests.succeeded), (("failed",), requests.failed),
+         (("pending",), requests.pending)],
     )
     gauge(
         "batchgpt_tokens",
         "Tokens the job has used over all its runs, as reported by the API. cached is part "
         "of prompt and reasoning is part of completion.",
         ("kind",),
-        (((kind,), _number(usage, key)) for kind, key in _TOKEN_KINDS.items()),
+        _tokens(summary.usage),
     )
     gauge(
         "batchgpt_cost_usd",
@@ -128,7 +122,7 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "batchgpt_run_tokens",
         "Tokens the last run used, as reported by the API.",
         ("kind",),
-        (((kind,), _number(run_usage, key)) for kind, key in _TOKEN_KINDS.items()),
+        _tokens(this_run.usage),
     )
     gauge(
         "batchgpt_run_duration_seconds",
@@ -141,7 +135,9 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "Requests of the last run: sent (every attempt, retries included), succeeded, "
         "failed (rows given up on), retries, and rate_limited (429 answers).",
         ("result",),
-        (((result,), _number(run_requests, result)) for result in _RUN_RESULTS),
+        [(("sent",), run_requests.sent), (("succeeded",), run_requests.succeeded),
+         (("failed",), run_requests.failed), (("retries",), run_requests.retries),
+         (("rate_limited",), run_requests.rate_limited)],
     )
     gauge(
         "batchgpt_run_errors",
@@ -155,7 +151,8 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "Request latency in the last run, in seconds: median (0.5), 95th and 99th "
         "percentile, and the slowest request (1).",
         ("quantile",),
-        (((q,), _number(latency, key)) for q, key in _QUANTILES.items()),
+        [(("0.5",), latency.p50), (("0.95",), latency.p95), (("0.99",), latency.p99),
+         (("1",), latency.max)],
     )
     gauge(
         "batchgpt_run_outcome",
@@ -185,31 +182,17 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
     write_to_textfile(os.fspath(path), registry)
 
 
-def _number(parent: Mapping[str, Any], key: str) -> float | None:
-    value = parent.get(key)
-    return None if value is None else float(value)
-
-
-def _timestamp(value: Any) -> float | None:
-    """Unix time from an ISO 8601 string (a datetime or a number also do). A time without
-    an offset is taken as UTC: batchgpt writes UTC, and guessing the local zone of
-    whichever machine reads the report would move the figure by hours."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):  # fromisoformat before Python 3.11 rejects "Z"
-            text = text[:-1] + "+00:00"
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"not an ISO 8601 timestamp: {value!r}") from None
-    else:
-        raise TypeError(f"a timestamp should be an ISO 8601 string, got {value!r}")
+def _timestamp(value: str) -> float:
+    """Unix time from an ISO 8601 string. A time without an offset is taken as UTC:
+    batchgpt writes UTC, and guessing the local zone of whichever machine reads the
+    report would move the figure by hours."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):  # fromisoformat before Python 3.11 rejects "Z"
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 timestamp: {value!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()

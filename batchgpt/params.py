@@ -29,7 +29,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from batchgpt.pricing import PRICES, Price, resolve_price
+from batchgpt.pricing import DATE_SUFFIX, PRICES, Price, resolve_price
 
 # openai 3.57's CompletionCreateParams (Base and Streaming), sorted. The installed SDK's
 # list is added to it when a name is not found here (see known_params).
@@ -132,16 +132,13 @@ def param_suggestion(name: str) -> str | None:
 
 
 # -- model names and prices -----------------------------------------------------------------
-_DATE = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
-
-
 def priced_model_suggestion(model: str, pricing: Mapping[str, Price] | None = None
                             ) -> str | None:
     """The priced model ``model`` is probably a slip for (``gpt4o-mini`` → ``gpt-4o-mini``),
     or None. A different digit is a different model, not a slip (``o1`` is not ``o3``,
     ``gpt-4.5`` is not ``gpt-4.1``), so only letters and separators may differ."""
     base = model.rsplit("/", 1)[-1]
-    base = _DATE.sub("", base) or base
+    base = DATE_SUFFIX.sub("", base) or base
     names = sorted({*PRICES, *(pricing or {})})
     found = [n for n in names if is_close(base, n)
              and sorted(_digits(base)) == sorted(_digits(n))]
@@ -176,17 +173,19 @@ def unknown_price_hint(models: Sequence[str], pricing: Mapping[str, Price] | Non
 
 def price_check(model: str, *, pricing: Mapping[str, Price], max_cost_usd: float | None,
                 where: str) -> PriceCheck | None:
-    """The one decision on a model's price, for the job's model and for models named by
-    input lines alike. None when the price is known, or when it is unknown, no budget is
-    set, and the name is close to no priced model (the cost is then reported as unknown).
+    """The one decision on what to say about a job's ``model`` without a price (see
+    :meth:`batchgpt.config.JobConfig.model_price_check`; a capped job's other models,
+    named by input lines or by earlier results, are refused by
+    :func:`batchgpt.runner._spent_before`). None when the price is known, or when it is
+    unknown, no budget is set, and the name is close to no priced model (the cost is then
+    reported as unknown).
 
     - A budget (``limits.max_cost_usd``) needs every price: unknown is fatal, with a
       did-you-mean when the name is close to a priced model.
     - Without a budget an unknown price only makes the cost unknown: a warning, and only
       when there is a did-you-mean to give.
 
-    ``where`` starts the message: ``"jobs/x.yaml:4"`` for the job's ``model`` key, or a
-    description of where the model came from."""
+    ``where`` starts the message: ``"jobs/x.yaml:4"``, the job file's line of ``model``."""
     if resolve_price(model, pricing) is not None:
         return None
     suggestion = priced_model_suggestion(model, pricing)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -93,9 +92,11 @@ class Plan:
             "to_send": self.to_send,
         }
 
-    def pending(self) -> Iterator[tuple[int, int, int]]:
-        """(offset, line, check) of each row to send, in file order."""
-        return zip(self.offsets, self.lines, self.checks, strict=True)
+
+def not_in_input(results: int, in_input: int) -> int:
+    """Results in the output for ids that are not rows of the input: all its ``results``
+    (whatever their ids) less the ``in_input`` rows of the input that have one."""
+    return max(0, results - in_input)
 
 
 def make_plan(

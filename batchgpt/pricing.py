@@ -114,8 +114,9 @@ _PRICED_APART: frozenset[str] = frozenset(
     {"gpt-4o-2024-05-13", "gpt-3.5-turbo-0301", "gpt-3.5-turbo-0613", "gpt-3.5-turbo-1106"}
 )
 
-# "-2024-07-18" (current style) or "-0613" (older style, MMDD).
-_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+# "-2024-07-18" (current style) or "-0613" (older style, MMDD): a model's snapshot date,
+# stripped to find its family's price (and by batchgpt.params, to find a slip's model).
+DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
 def _candidate_names(model: str) -> list[str]:
@@ -125,7 +126,7 @@ def _candidate_names(model: str) -> list[str]:
     if "/" in model:
         names.append(model.rsplit("/", 1)[1])
     for name in list(names):
-        family = _DATE_SUFFIX.sub("", name)
+        family = DATE_SUFFIX.sub("", name)
         if family != name and family and name.rsplit("/", 1)[-1] not in _PRICED_APART:
             names.append(family)
     return names
@@ -317,3 +318,22 @@ def cost_usd(usage: Usage, price: Price | None, *, batch: bool = False) -> float
     uncached = usage.prompt_tokens - cached
     total = uncached * input_rate + cached * cached_rate + usage.completion_tokens * output_rate
     return float(total / _PER_MILLION)
+
+
+def price_usage(by_model: Mapping[str, Usage], pricing: Mapping[str, Price], *,
+                known_only: bool = False) -> tuple[float | None, list[str]]:
+    """The cost of usage spread over models, and the models that used tokens but have no
+    price (``"(unnamed)"`` for ``""``). The cost is None when there is such a model,
+    unless ``known_only``: then it is what the priced models cost, the unknown ones
+    counted as 0 (the least that was paid)."""
+    total = 0.0
+    unknown = []
+    for model, usage in by_model.items():
+        if usage.total_tokens == 0 and usage.prompt_tokens == 0:
+            continue
+        c = cost_usd(usage, resolve_price(model, pricing))
+        if c is None:
+            unknown.append(model or "(unnamed)")
+        else:
+            total += c
+    return (None if unknown and not known_only else total), unknown

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import AnyStr, Generic
@@ -153,6 +154,20 @@ def _cut(text: AnyStr, spans: list[tuple[int, int]], mark: AnyStr) -> AnyStr:
     return mark[:0].join(pieces)
 
 
+def _clean(text: AnyStr, forms: tuple[AnyStr, ...], parts: tuple[_Pattern[AnyStr], ...],
+           mark: AnyStr, bearer: re.Pattern[AnyStr]) -> AnyStr:
+    """:meth:`Redactor.text` and :meth:`Redactor.data`: every spelling of a secret in
+    ``forms`` replaced by ``mark``, then every long part of one (``parts``), then every
+    ``Bearer <token>``."""
+    for form in forms:
+        if form in text:
+            text = text.replace(form, mark)
+    spans = [span for part in parts if part.core in text for span in part.spans(text)]
+    if spans:
+        text = _cut(text, spans, mark)
+    return bearer.sub(lambda m: m.group(1) + mark, text)
+
+
 class Redactor:
     """Replaces a run's secrets with ``[REDACTED]`` in text, bytes and parsed JSON."""
 
@@ -172,6 +187,12 @@ class Redactor:
             b for b in (_encode(t) for t in texts) if b is not None))
         self._text_parts = tuple(_Pattern(t) for t in texts)
         self._byte_parts = tuple(_Pattern(b) for b in self._needles)
+
+    @classmethod
+    def for_key(cls, api_key_env: str) -> Redactor:
+        """A redactor of the run's API key: the value of the environment variable
+        ``api_key_env`` (a job's ``api.api_key_env``), if it is set."""
+        return cls([os.environ.get(api_key_env)])
 
     def with_secrets(self, *secrets: str | None) -> Redactor:
         """A redactor for these secrets as well as this one's."""
@@ -204,25 +225,11 @@ class Redactor:
     def text(self, text: str) -> str:
         """``text`` with every secret, every long part of one and every
         ``Bearer <token>`` replaced."""
-        for form in self._texts:
-            if form in text:
-                text = text.replace(form, REDACTED)
-        spans = [span for part in self._text_parts if part.core in text
-                 for span in part.spans(text)]
-        if spans:
-            text = _cut(text, spans, REDACTED)
-        return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        return _clean(text, self._texts, self._text_parts, REDACTED, _BEARER)
 
     def data(self, data: bytes) -> bytes:
         """The same for bytes (a raw body that is not text, or not yet decoded)."""
-        for needle in self._needles:
-            if needle in data:
-                data = data.replace(needle, _REDACTED_BYTES)
-        spans = [span for part in self._byte_parts if part.core in data
-                 for span in part.spans(data)]
-        if spans:
-            data = _cut(data, spans, _REDACTED_BYTES)
-        return _BEARER_BYTES.sub(lambda m: m.group(1) + _REDACTED_BYTES, data)
+        return _clean(data, self._needles, self._byte_parts, _REDACTED_BYTES, _BEARER_BYTES)
 
     def value(self, value: object) -> object:
         """A copy of parsed JSON (or any nest of dicts, lists and tuples) with every

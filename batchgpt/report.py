@@ -20,7 +20,7 @@ import aiofiles
 import aiofiles.os
 
 from batchgpt.params import unknown_price_hint
-from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
+from batchgpt.pricing import Price, Usage, price_usage
 from batchgpt.store.index import Totals
 from batchgpt.summary import (
     Latency,
@@ -84,24 +84,6 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[k]
 
 
-def price_usage(
-    by_model: Mapping[str, Usage], overrides: Mapping[str, Price]
-) -> tuple[float | None, list[str]]:
-    """Cost of usage spread over models; (None, unknown models) if any model has no price
-    and used tokens."""
-    total = 0.0
-    unknown = []
-    for model, usage in by_model.items():
-        if usage.total_tokens == 0 and usage.prompt_tokens == 0:
-            continue
-        c = cost_usd(usage, resolve_price(model, overrides))
-        if c is None:
-            unknown.append(model or "(unnamed)")
-        else:
-            total += c
-    return (None if unknown else total), unknown
-
-
 def build_summary(
     *,
     job_name: str,
@@ -140,7 +122,7 @@ def build_summary(
         wall_time_s=round(wall_time_s, 3),
         requests=requests,
         failed_by_code=dict(sorted(failed_by_code.items())),
-        usage=sum(totals.spend_by_model.values(), Usage()),
+        usage=totals.usage,
         cost_usd=cum_cost,
         cost_unknown_models=unknown,
         cost_unrecorded_usd=round(totals.unseen_usd, 6),

@@ -29,14 +29,15 @@ from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
 from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
 from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
+from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_credentials, sent_no_key
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
 from batchgpt.limiter import RateLimiter
 from batchgpt.logs import event
-from batchgpt.plan import Plan, make_plan, row_check
-from batchgpt.pricing import Usage, cost_usd, resolve_price
+from batchgpt.plan import Plan, make_plan, not_in_input, row_check
+from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
 from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
-from batchgpt.report import RunStats, build_summary, price_usage, render_table, write_summary
+from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso
@@ -181,7 +182,6 @@ class _Run:
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
         self.stop_exit: int | None = None
-        self.crash_file: Path | None = None
         self.stopping = asyncio.Event()
         self.abandon = asyncio.Event()
         self.waiting_tasks: set[asyncio.Task[None]] = set()
@@ -195,7 +195,7 @@ class _Run:
         self.client: ChatClient | None = None
         self.base_url = ""  # where requests go, for messages
         self.sent_no_key = False  # a base URL and an empty key variable: a placeholder
-        self.redact = Redactor([os.environ.get(job.api.api_key_env)])
+        self.redact = Redactor.for_key(job.api.api_key_env)
         self.warned_usage = False
 
     # -- concurrency --------------------------------------------------------------------
@@ -366,8 +366,8 @@ class _Run:
         from batchgpt.crash import write_crash_report
 
         try:
-            self.crash_file = write_crash_report(exc, self.job.state_dir, self.redact.text)
-            where = f"; the traceback is in {self.crash_file}"
+            crash_file = write_crash_report(exc, self.job.state_dir, self.redact.text)
+            where = f"; the traceback is in {crash_file}"
         except OSError:
             where = ""
         self.request_stop(
@@ -432,7 +432,7 @@ class _Run:
             if decision.action is Action.FAIL_ROW:
                 await self._fail(row, failure, attempt, decision.transient)
                 return
-            reason = _STOP_REASONS.get(decision.reason, StopReason.RATE_LIMIT)
+            reason = _stop_reason(decision.reason)
             self.request_stop(reason, self._stop_message(decision.reason, failure),
                               ExitCode.ERROR)
             return
@@ -486,8 +486,6 @@ class _Run:
 
     def _stop_message(self, reason: str, failure: Failure) -> str:
         if reason == "authentication" and self.sent_no_key:
-            from batchgpt.credentials import no_key_message
-
             return no_key_message(self.job.api.api_key_env, self.base_url)
         return _stop_message(reason, failure)
 
@@ -611,13 +609,15 @@ class _Run:
         }
 
 
-_STOP_REASONS = {
-    "quota": StopReason.QUOTA,
-    "authentication": StopReason.AUTHENTICATION,
-    "permission": StopReason.PERMISSION,
-    "model not found": StopReason.MODEL_NOT_FOUND,
-    "invalid URL": StopReason.INVALID_URL,
-}
+def _stop_reason(reason: str) -> StopReason:
+    """Why :func:`batchgpt.retry.decide` stopped the run, as a StopReason: its reason
+    names one ("quota", "authentication", "permission", "model not found", "invalid URL"),
+    or it is the one other reason it stops for, a rate limit too long to wait out
+    ("rate limit: the server asks to wait …")."""
+    try:
+        return StopReason(reason)
+    except ValueError:
+        return StopReason.RATE_LIMIT
 
 
 def _usd(value: float | None) -> str:
@@ -659,7 +659,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                          retry_failed=options.retry_failed, limit=options.limit)
         # --fresh sets the earlier results, and what they cost, aside with the job.
         spent_before = _spent_before(job, plan, None if options.fresh else store)
-        orphans = 0 if options.fresh else max(0, store.totals().results - plan.with_result)
+        orphans = 0 if options.fresh else not_in_input(store.totals().results, plan.with_result)
         if orphans and plan.new:
             event(log, logging.WARNING, "ids_changed",
                   "%s holds %d results for ids that are not in the input, and %d rows of the "
@@ -684,16 +684,15 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                                           for src, dst in store.previous_files()}
             return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est,
                              output=Path(job.output), failures_file=job.failures_path)
-        if plan.to_send and not options.sandbox:
-            from batchgpt.credentials import resolve_credentials
-
-            resolve_credentials(job.api, None)  # a missing or bad key: before anything moves
+        # A missing or bad key: before anything moves.
+        credentials = (resolve_credentials(job.api, None)
+                       if plan.to_send and not options.sandbox else None)
         moved: list[tuple[Path, Path]] = []
         if options.fresh:
             moved = store.set_aside_previous()
             for src, dst in moved:
                 log.info("--fresh: moved %s to %s", src, dst)
-        result = await _execute(job, options, store, plan, source, spent_before)
+        result = await _execute(job, options, store, plan, source, spent_before, credentials)
         result.set_aside = moved
         return result
     finally:
@@ -712,9 +711,10 @@ def _settle_in_flight_record(store: Store, run: _Run) -> None:
 
 def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     """What the job was charged by earlier runs (none without ``store``), which a cap
-    covers too. With a cap, a model with no price anywhere (the job's model, the models
-    input lines name, the models earlier results were billed as) is a ConfigError before
-    anything is sent: its rows could spend past the cap unseen."""
+    covers too. With a cap, a model with no price that input lines name, or that earlier
+    results were billed as, is a ConfigError before anything is sent: its rows could spend
+    past the cap unseen. (The job's own ``model`` was checked before the input was read:
+    :meth:`JobConfig.model_price_check`, raised by :class:`InputFile`.)"""
     spent: float | None = 0.0
     unknown_before: list[str] = []
     if store is not None:
@@ -724,9 +724,6 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
     if job.limits.max_cost_usd is None:
         return spent or 0.0
     where: dict[str, list[str]] = {}
-    if job.model:
-        for model in unpriced([job.model], job.pricing):
-            where.setdefault(model, []).append("the job's model")
     for model in unpriced(plan.by_model, job.pricing):
         rows = plan.by_model[model].rows
         where.setdefault(model, []).append(f"{rows:,} row{'s' if rows != 1 else ''} to send")
@@ -751,7 +748,10 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
 
 
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                   source: InputFile, spent_before: float = 0.0) -> RunResult:
+                   source: InputFile, spent_before: float,
+                   credentials: tuple[str | None, str] | None) -> RunResult:
+    """Send the plan's rows. ``credentials``: (base URL, key) as :func:`run_job` resolved
+    them, None with ``--sandbox`` (the simulator's) or nothing to send."""
     clock = options.clock or SystemClock()
     started_at = now_iso()
     t0 = clock.monotonic()
@@ -789,7 +789,6 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
     housekeeping: asyncio.Task[None] | None = None
     try:
         if plan.to_send:
-            sandbox_url = None
             if options.sandbox:
                 from batchgpt.simulator import Simulator, SimulatorConfig
 
@@ -797,12 +796,11 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                 sandbox_url = await sim.start()
                 event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no API "
                       "key used)", sandbox_url, job=job.job_name, url=sandbox_url)
+                credentials = resolve_credentials(job.api, sandbox_url)
             from batchgpt.client import ChatClient
-            from batchgpt.credentials import resolve_credentials
 
-            base_url, key = resolve_credentials(job.api, sandbox_url)
-            from batchgpt.credentials import OPENAI_BASE_URL, sent_no_key
-
+            assert credentials is not None, "run_job resolves them when there is a row to send"
+            base_url, key = credentials
             run.base_url = base_url or OPENAI_BASE_URL
             run.sent_no_key = sent_no_key(key)
             run.redact = run.redact.with_secrets(key)
@@ -857,7 +855,7 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
     in_input = plan.with_result + stats.succeeded - replaced
     requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
                         pending=plan.rows - succeeded - failed,
-                        not_in_input=max(0, totals.results - in_input))
+                        not_in_input=not_in_input(totals.results, in_input))
     if run.stop_reason is not None:
         outcome = (Outcome.INTERRUPTED if run.stop_reason is StopReason.SIGNAL
                    else Outcome.ERROR if run.stop_reason is StopReason.INTERNAL_ERROR

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
@@ -135,7 +134,7 @@ def show_row(job: JobConfig, custom_id: str, job_hint: str = "JOB") -> dict[str,
             info["attempts"] = error.get("attempts")
     # The key pasted into the job's params or the input is sent as written, but never
     # printed: cleaned with the run's key, as a run's logs are.
-    redact = Redactor([os.environ.get(job.api.api_key_env)])
+    redact = Redactor.for_key(job.api.api_key_env)
     return {key: redact.clean(value) for key, value in info.items()}
 
 

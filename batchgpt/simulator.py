@@ -573,7 +573,7 @@ class Simulator:
                 headers[f"x-ratelimit-limit-{dim}"] = str(bucket.limit)
                 headers[f"x-ratelimit-remaining-{dim}"] = str(bucket.remaining())
                 headers[f"x-ratelimit-reset-{dim}"] = format_go_duration(bucket.reset())
-        if faults is not None and faults.headers:
+        if faults.headers:
             headers.update(faults.headers)
         return resp
 

@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import math
-import string
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -140,52 +139,18 @@ _json_value = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 _SPLICE_PROBES = ("", "x", 'a "quoted" \\ back\\slash\n\t\r\b\f', "\x00\x1f\x7f",
                   "ünïcødé ✓ 日本 \u2028\u2029 \U0001f600", "{}[],:")
 
-# One field of a prompt: its name, conversion ('r', 's', 'a' or None), format spec, and
-# the literal text that follows it.
-_Part = tuple[str, "str | None", str, str]
-
-
-def _split_template(template: str) -> tuple[str, tuple[_Part, ...]]:
-    """A prompt as its leading literal text and its fields, split once: rendering is then
-    a join, not ``str.format_map`` (which would also evaluate a format spec's nested
-    fields). Raises ConfigError for what plain substitution can't do."""
-    head = ""
-    parts: list[list[Any]] = []
-    for literal, name, spec, conversion in string.Formatter().parse(template):
-        if parts:
-            parts[-1][3] += literal
-        else:
-            head += literal
-        if name is None:
-            continue
-        field = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-        where = f"prompt: '{{{field}}}'"
-        if conversion not in (None, "r", "s", "a"):
-            raise ConfigError(f"{where}: unknown conversion '!{conversion}'")
-        if spec and ("{" in spec or "}" in spec):
-            raise ConfigError(f"{where}: a format spec can't hold a field; a prompt is plain "
-                              "{field} substitution ({{ }} for a literal brace)")
-        if spec:
-            try:
-                format("", spec)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        parts.append([name, conversion, spec or "", ""])
-    return head, tuple((p[0], p[1], p[2], p[3]) for p in parts)
-
-
 class RowBuilder:
     """Turns one parsed JSON line into a :class:`Row`, given the job's defaults."""
 
-    __slots__ = ("_base", "_chat_skip", "_fixed", "_head", "_id_key", "_id_parts", "_job",
-                 "_parts", "_splice", "id_fields")
+    __slots__ = ("_base", "_chat_skip", "_fixed", "_id_key", "_id_parts", "_job", "_parts",
+                 "_splice", "id_fields")
 
     def __init__(self, job: JobConfig) -> None:
         self._job = job
         self._fixed: Form | None = None if job.input_format == "auto" else job.input_format
-        self._head, self._parts = _split_template(
-            job.prompt if job.prompt is not None else "{text}"
-        )
+        # The prompt as (literal text, field name or None) pairs: rendering is a join, not
+        # ``str.format_map``. The job refused at load what plain substitution can't do.
+        self._parts = tuple(template_parts(job.prompt if job.prompt is not None else "{text}"))
         # A record's id: the field `_id_key` ('id', or the job's id_field), or, with the
         # job's `id` template, `_id_parts` rendered (then `_id_key` is None).
         self._id_key: str | None = None if job.id is not None else job.id_field or "id"
@@ -351,8 +316,11 @@ class RowBuilder:
             except KeyError:
                 raise self._without_id(record) from None
             custom_id = _id(value, key)
-        pieces = [self._head]
-        for name, conversion, spec, literal in self._parts:
+        pieces: list[str] = []
+        for literal, name in self._parts:
+            pieces.append(literal)
+            if name is None:
+                continue
             try:
                 value = record[name]
             except KeyError:
@@ -365,10 +333,7 @@ class RowBuilder:
                 except ValueError:
                     raise RowError(_non_finite_in(value, name)
                                    or f"field '{name}' can't be written as JSON") from None
-            if conversion is not None or spec:
-                value = _convert(value, conversion, spec)
             pieces.append(value)
-            pieces.append(literal)
         return custom_id, "".join(pieces)
 
     def _record_id(self, record: dict[str, Any], what: str) -> str:
@@ -386,7 +351,7 @@ class RowBuilder:
     def _template_id(self, record: dict[str, Any]) -> str:
         """The id the job's ``id`` template makes of a record: its fields' values (each a
         string or an integer) joined with the template's literal text."""
-        pieces = []
+        pieces: list[str] = []
         for literal, name in self._id_parts:
             pieces.append(literal)
             if name is None:
@@ -404,7 +369,7 @@ class RowBuilder:
         if not text.strip():
             raise RowError(f"the id is empty: the job's id template {_short(self._job.id)!r} "
                            f"gives {text!r} for this record")
-        if not text.isascii() and _has_surrogate(text):
+        if not text.isascii() and has_surrogate(text):
             raise RowError(_surrogate_message("id", text))
         return text
 
@@ -439,11 +404,12 @@ class RowBuilder:
         if form == "chat":
             return [(k, v) for k, v in record.items() if k not in self._chat_skip
                     or k == "messages"]
-        return [(name, record[name]) for name, *_ in self._parts if name in record]
+        return [(name, record[name]) for _, name in self._parts
+                if name is not None and name in record]
 
     def _unencodable(self, record: dict[str, Any], form: Form) -> str:
         for name, value in self._sent_parts(record, form):
-            found = _find(value, _has_surrogate, _key_path("", name))
+            found = _find(value, has_surrogate, _key_path("", name))
             if found is not None:
                 return _surrogate_message(*found)
         return "the request cannot be written as UTF-8 (a lone surrogate)"
@@ -500,16 +466,6 @@ def _describe(record: dict[str, Any], form: Form, versus: Form) -> str:
     return "a template record (no 'messages')"
 
 
-def _convert(value: str, conversion: str | None, spec: str) -> str:
-    """What ``str.format`` does with ``{field!conversion:spec}`` (kept so a prompt that
-    uses one renders, and hashes, as it always has)."""
-    if conversion == "r":
-        value = repr(value)
-    elif conversion == "a":
-        value = ascii(value)
-    return format(value, spec) if spec else value
-
-
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -551,7 +507,7 @@ def _id(value: Any, key: str) -> str:
     text = str(value)
     if not text.strip():
         raise RowError(f"'{key}' is empty")
-    if not text.isascii() and _has_surrogate(text):
+    if not text.isascii() and has_surrogate(text):
         raise RowError(_surrogate_message(key, text))
     return text
 
@@ -570,7 +526,7 @@ def _check_messages(messages: Any, where: str) -> None:
 
 
 # -- values that JSON text can hold but a request can't -------------------------------------
-def _has_surrogate(value: Any) -> bool:
+def has_surrogate(value: Any) -> bool:
     """A string that can't be written as UTF-8: it holds a lone surrogate (what a JSON
     escape like "\\ud800" without its other half decodes to)."""
     if not isinstance(value, str) or value.isascii():
@@ -651,7 +607,7 @@ def _check_job_values(job: JobConfig) -> None:
     """The job's own strings and numbers go into every request: the same rules."""
     for where, value in (("model", job.model), ("system", job.system),
                          ("prompt", job.prompt), ("params", job.params)):
-        found = _find(value, _has_surrogate, where)
+        found = _find(value, has_surrogate, where)
         if found is not None:
             raise ConfigError(_surrogate_message(*found))
         message = _non_finite_in(value, where)
@@ -757,6 +713,13 @@ class ScannedRow:
             self._record = None
         return self._row
 
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The parsed input line, kept by a template row whose hash was spliced (its
+        request is built only if :attr:`row` is asked for, which drops it); None for a
+        row whose request was built by the scan."""
+        return self._record
+
 
 def _unreadable(exc: ValueError) -> str:
     """The problem of a line json could not read (other than a JSONDecodeError)."""
@@ -787,7 +750,7 @@ class _FirstRows:
         job = builder._job
         id_key = "id_field" if job.id_field is not None else "id"
         id_fields = {f: id_key for f in builder.id_fields}
-        prompt_fields = {f: "prompt" for f, *_ in builder._parts}
+        prompt_fields = {f: "prompt" for _, f in builder._parts if f is not None}
         self.fields: dict[Form, dict[str, str]] = {
             "template": {**prompt_fields, **id_fields}, "chat": id_fields, "batch": {},
         }

@@ -14,9 +14,8 @@ from typing import Any
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import InputError
-from batchgpt.plan import Plan, make_plan
-from batchgpt.pricing import Usage
-from batchgpt.report import price_usage
+from batchgpt.plan import Plan, make_plan, not_in_input
+from batchgpt.pricing import price_usage
 from batchgpt.source import InputFile
 from batchgpt.store import JobLock, Store
 from batchgpt.summary import Summary
@@ -74,7 +73,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         cost += totals.unseen_usd
     if plan is not None:
         requests: dict[str, Any] = plan.requests()
-        requests["not_in_input"] = max(0, totals.results - plan.with_result)
+        requests["not_in_input"] = not_in_input(totals.results, plan.with_result)
     else:  # the input can't be read: what the index holds, nothing about the input
         requests = {"total": None, "succeeded": totals.results, "failed": totals.failures,
                     "pending": None, "changed": None}
@@ -84,7 +83,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         on_change=job.on_change,
         failed_by_code=codes,
         cost_unrecorded_usd=round(totals.unseen_usd, 6),
-        usage=sum(totals.spend_by_model.values(), Usage()).model_dump(),
+        usage=totals.usage.model_dump(),
         cost_usd=cost,
         cost_unknown_models=unknown,
         last_run=last,

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
-from batchgpt.files import file_kind
-from batchgpt.pricing import Price, Usage, cost_usd, resolve_price
+from batchgpt.files import file_kind, probe_writable
+from batchgpt.pricing import price_usage
 from batchgpt.store.index import (
     Index,
     Settled,
@@ -106,7 +105,7 @@ class Store:
             for message in self.recovery.messages(self.out.path, dry=False):
                 log.warning("%s", message)
             self._account_unseen_spend(index_was_lost=why is not None)
-            if index.meta_int("dead_lines") and not index.spare_count():
+            if self._compaction_due():
                 self._compact()  # (with spares, after the plan has picked among them)
             self._check_writable()
         except OSError as exc:
@@ -139,7 +138,7 @@ class Store:
         self._check_owner(write=False)
         if lost and not self.out.exists() and not self.failures_path.exists():
             return
-        if not lost and trusted(self.out, index) and not index.unadopted_count():
+        if not lost and trusted(self.out.fingerprint(), index) and not index.unadopted_count():
             return
         if index.path is not None:  # the plan will record, in a copy, what it adopts
             index = index.copy_to_memory()
@@ -162,7 +161,8 @@ class Store:
             unseen += allowance
         if index_was_lost:
             before = _summary_spend(self.job)
-            now = priced_spend(index.totals().spend_by_model, self.job.pricing)
+            now = price_usage(index.totals().spend_by_model, self.job.pricing,
+                              known_only=True)[0] or 0.0  # never None with known_only
             if before is not None and before > now + 1e-9:
                 log.warning("the index of %s was rebuilt from the output; the last summary "
                             "says $%.6f more was paid (results replaced before): counted "
@@ -213,10 +213,7 @@ class Store:
         try:
             if self.out.exists():
                 os.close(os.open(self.out.path, os.O_WRONLY | os.O_APPEND))
-            fd, probe = tempfile.mkstemp(prefix=f".{self.out.path.name}.", suffix=".probe",
-                                         dir=self.out.path.parent)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(self.out.path.parent, self.out.path.name)
         except OSError as exc:
             raise StateError(
                 f"cannot write {exc.filename or self.out.path}: {exc.strerror}; nothing was "
@@ -305,7 +302,7 @@ class Store:
         what the index says), rewrite the failures file. Problems are logged, never
         raised: the results are safe in the output whatever happens here."""
         healthy = self.writer is None or self.writer.healthy
-        if healthy and self.index.meta_int("dead_lines") and not self.index.spare_count():
+        if healthy and self._compaction_due():
             fp = self.out.fingerprint()
             if fp is not None and fp.size == self.out.size:
                 self._compact()
@@ -313,6 +310,12 @@ class Store:
             self._write_failures()
         except OSError as exc:
             log.warning("cannot write %s: %s", self.failures_path, exc.strerror)
+
+    def _compaction_due(self) -> bool:
+        """The output holds superseded lines, and no spare results wait to be picked
+        among (with spares, the plan picks first)."""
+        index = self.index
+        return bool(index.meta_int("dead_lines")) and not index.spare_count()
 
     def _compact(self) -> None:
         """Rewrite the output with only the live line of each result: write the new file
@@ -364,15 +367,6 @@ class Store:
         """What is stored for each of ``ids`` (export, show): results and failures, read
         in batches; ids with neither are left out."""
         return self.index.lookup(ids)
-
-
-def priced_spend(by_model: dict[str, Usage], pricing: Mapping[str, Price]) -> float:
-    """USD of the usage that has a price (unknown prices count as 0 here)."""
-    total = 0.0
-    for model, usage in by_model.items():
-        cost = cost_usd(usage, resolve_price(model, pricing))
-        total += cost or 0.0
-    return total
 
 
 def _summary_spend(job: JobConfig) -> float | None:

@@ -19,8 +19,15 @@ Tables::
               request than its live line), kept until the next plan knows the row's
               request and picks the one that answers it
     spend     per model: usage of every result ever committed, replaced ones included
-    meta      schema version, the job's name, the committed output size, its CRC-32, its
-              stat fingerprint, how many results were replaced
+    meta      key → value: ``schema`` (the version); the job owning the output, ``job``
+              (its name) and ``job_file`` (the file it was loaded from); the committed
+              output, ``output_size``, ``output_crc`` (its CRC-32) and ``fingerprint``
+              (its stat); ``replaced`` (results later replaced); ``dead_lines``
+              (superseded lines the output still holds, for the next compaction);
+              ``compacting`` (set while a compacted output is swapped in: the next open
+              finishes or undoes it); ``unseen_usd`` (spend no result records, for the
+              cap) and ``inflight_allowance_usd`` (a capped run's in-flight spend on
+              record until it settles)
     runs      one row per run: start, end, outcome, summary
 """
 
@@ -37,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgpt.errors import StateError
 from batchgpt.pricing import Usage
 from batchgpt.store.output_log import answer_tag
 
@@ -209,6 +215,11 @@ class Totals:
     # (read back from the last summary), and the worst case of requests a run gave up or
     # was killed with on the wire. Counted by a cap; see Store.open.
     unseen_usd: float = 0.0
+
+    @property
+    def usage(self) -> Usage:
+        """The tokens of :attr:`spend_by_model`, summed over its models."""
+        return sum(self.spend_by_model.values(), Usage())
 
 
 def clean_text(value: str | None) -> str | None:
@@ -713,6 +724,6 @@ def discard(path: Path) -> Path | None:
 
 
 __all__ = [
-    "Index", "NewFailure", "NewResult", "Settled", "StateError", "StoredFailure",
+    "Index", "NewFailure", "NewResult", "Settled", "StoredFailure",
     "StoredResult", "StoredRow", "Totals",
 ]

@@ -39,7 +39,13 @@ from pathlib import Path
 
 from batchgpt.pricing import Usage
 from batchgpt.store.index import SPEND_INSERT, SPEND_UPSERT, Index, NewFailure, NewResult
-from batchgpt.store.output_log import OutputLog, discard_file, parse_result_line, tag_of
+from batchgpt.store.output_log import (
+    Fingerprint,
+    OutputLog,
+    discard_file,
+    parse_result_line,
+    tag_of,
+)
 
 log = logging.getLogger("batchgpt")
 
@@ -79,9 +85,9 @@ class Report:
                    "(removed or edited outside batchgpt); those rows will be sent again")
 
 
-def trusted(out: OutputLog, index: Index) -> bool:
-    """Tier 1: the output is exactly what the last commit left (no read needed)."""
-    fp = out.fingerprint()
+def trusted(fp: Fingerprint | None, index: Index) -> bool:
+    """Tier 1: the output, whose fingerprint is ``fp`` (None: there is none), is exactly
+    what the last commit left (no read needed)."""
     return (fp is not None and index.meta("fingerprint") == fp.dumps()
             and index.meta_int("output_size") == fp.size and index.meta("output_crc") is not None
             and not index.meta("compacting"))
@@ -110,7 +116,7 @@ def recover(out: OutputLog, index: Index, failures_path: Path, *, dry: bool,
         if index_was_lost:
             _take_over_failures(index, failures_path, report)
         return report
-    if not index_was_lost and trusted(out, index) and crc_text is not None:
+    if not index_was_lost and trusted(fp, index) and crc_text is not None:
         out.start(committed, int(crc_text))
         return report
     if (not index_was_lost and crc_text is not None and fp.size >= committed

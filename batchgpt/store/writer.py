@@ -52,7 +52,6 @@ class GroupWriter:
         self.run_id = run_id
         self.broken: StateError | None = None  # nothing more can be written
         self.unindexed: IndexFailed | None = None  # results go to the output only
-        self.committed_results = 0
         self.replaced = 0  # results this run replaced (their rows had an older result)
         self._queue: list[_Item] = []
         self._wakeup = asyncio.Event()
@@ -165,7 +164,6 @@ class GroupWriter:
         except (sqlite3.Error, OverflowError, ValueError) as exc:
             raise IndexFailed(f"cannot record results in the checkpoint "
                               f"({type(exc).__name__}: {exc}){kept}") from None
-        self.committed_results += len(results)
 
     def _check_state_folder(self, kept: str) -> None:
         """The checkpoint (and the lock beside it) removed during the run: recording into
