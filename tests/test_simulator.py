@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from batchgpt import tokens
-from batchgpt.simulator import (
+from batchgpt.simulator.app import (
     LABELS,
     FaultConfig,
     Simulator,

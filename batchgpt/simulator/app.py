@@ -708,6 +708,3 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(exc))
     serve(config, a.host, a.port)
 
-
-if __name__ == "__main__":
-    main()
