@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
@@ -29,6 +29,9 @@ from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.redact import Redactor
 from batchgpt.runner import RunOptions, run_job
+
+if TYPE_CHECKING:
+    from batchgpt.simulator import SimulatorConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -213,6 +216,16 @@ def run(
         "--metrics-file", help="Write the run's figures in Prometheus text format.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed row.")
                        ] = False,
+    sandbox_faults: Annotated[str | None, typer.Option(
+        "--sandbox-faults", help="With --sandbox: spoil a seeded share of first answers, e.g. "
+        "invalid_json=0.2,truncated=0.1,content_filter=0.05,refusal=0.05,denied=0.1.")
+    ] = None,
+    sandbox_denied_terms: Annotated[list[str] | None, typer.Option(
+        "--sandbox-denied-term", help="With --sandbox-faults denied=...: a term the spoiled "
+        "answers carry (repeatable).")] = None,
+    sandbox_fail_models: Annotated[list[str] | None, typer.Option(
+        "--sandbox-fail-model", help="With --sandbox: MODEL=503 or MODEL=404 always fails "
+        "that model (to try fallback_models; repeatable).")] = None,
 ) -> None:
     """Run a job, or resume it: rows that already succeeded are never sent again."""
     if log_format not in ("text", "json"):
@@ -239,6 +252,12 @@ def run(
             raise typer.Exit(ExitCode.ERROR)
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
                          dry_run=dry_run, handle_signals=True)
+    if sandbox_faults or sandbox_denied_terms or sandbox_fail_models:
+        if not sandbox:
+            raise typer.BadParameter("needs --sandbox", param_hint="--sandbox-faults, "
+                                     "--sandbox-denied-term, --sandbox-fail-model")
+        options.sandbox_config = _sandbox_config(sandbox_faults, sandbox_denied_terms,
+                                                 sandbox_fail_models)
     live = None
     if sys.stderr.isatty() and not dry_run and log_format == "text":
         from batchgpt.progress import LiveProgress
@@ -386,13 +405,52 @@ def sandbox(
     seed: Annotated[int, typer.Option(help="Seed for fault injection.")] = 0,
     error_rate: Annotated[float, typer.Option(help="Fraction of requests answered 500.")
                           ] = 0.0,
+    reply_faults: Annotated[str | None, typer.Option(
+        "--reply-faults", help="Spoil a seeded share of first answers, e.g. "
+        "invalid_json=0.2,truncated=0.1,content_filter=0.05,refusal=0.05,denied=0.1.")
+    ] = None,
+    denied_terms: Annotated[list[str] | None, typer.Option(
+        "--denied-term", help="A term spoiled answers carry (repeatable).")] = None,
+    fail_models: Annotated[list[str] | None, typer.Option(
+        "--fail-model", help="MODEL=503 or MODEL=404: that model always fails "
+        "(repeatable).")] = None,
 ) -> None:
     """Serve the built-in simulator as a standalone OpenAI-compatible server."""
-    from batchgpt.simulator import FaultConfig, SimulatorConfig, serve
+    from batchgpt.simulator import serve
 
-    config = SimulatorConfig(rpm=rpm, tpm=tpm, latency_s=latency, seed=seed, record=False,
-                             faults=FaultConfig(server_error_rate=error_rate))
+    config = _sandbox_config(reply_faults, denied_terms, fail_models)
+    config.rpm, config.tpm, config.latency_s, config.seed = rpm, tpm, latency, seed
+    config.record = False
+    config.faults.server_error_rate = error_rate
     serve(config, host=host, port=port)
+
+
+def _sandbox_config(reply_faults: str | None, denied_terms: list[str] | None,
+                    fail_models: list[str] | None) -> SimulatorConfig:
+    """The simulator's settings from the command line's fault options (a usage error
+    naming the option when one is malformed)."""
+    from pydantic import ValidationError
+
+    from batchgpt.simulator import FaultConfig, SimulatorConfig
+    from batchgpt.simulator.replies import parse_failing_model, parse_reply_faults
+
+    try:
+        replies = parse_reply_faults(reply_faults or "", denied_terms)
+    except (ValueError, ValidationError) as exc:
+        raise typer.BadParameter(_first_line(exc), param_hint="the reply faults") from None
+    failing = {}
+    for spec in fail_models or []:
+        try:
+            model, status = parse_failing_model(spec)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="the failing model") from None
+        failing[model] = status
+    return SimulatorConfig(faults=FaultConfig(replies=replies, failing_models=failing))
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
 
 
 @app.command()

@@ -166,6 +166,63 @@ class ApiSettings(_Strict):
         return value
 
 
+class ValidateSettings(_Strict):
+    """Checks every reply must pass before it is a result (see :mod:`batchgpt.checks`).
+    A reply that fails is re-asked (a follow-up turn quoting the problem) up to
+    ``max_reasks`` times, then the row fails with ``invalid_output``. Files named here
+    (a schema, a deny list) are read, and the schema and regex compiled, before anything
+    is sent."""
+
+    json_: bool | None = Field(
+        None, alias="json", description="The reply must parse as JSON (implied by json_schema "
+        "and by params.response_format of type json_object or json_schema).")
+    json_schema: dict[str, Any] | str | None = Field(
+        None, description="JSON Schema (2020-12) the parsed reply must satisfy, or the path of "
+        "a file holding it (default: params.response_format.json_schema.schema).")
+    deny_words: list[str] | str | None = Field(
+        None, description="Terms that must not appear in the reply (case-insensitive, any "
+        "script), or the path of a UTF-8 file with one term a line.")
+    regex: str | None = Field(None, description="The reply must match this (re.search).")
+    max_chars: PositiveInt | None = Field(None, description="Longest reply accepted.")
+    finish_reasons: list[str] | None = Field(
+        None, min_length=1, description="finish_reason values accepted (e.g. [stop]); a "
+        "content filter or a refusal is never accepted.")
+    max_reasks: int = Field(1, ge=0, le=10, description="Follow-up turns before the row "
+                            "fails (or falls back).")
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    @field_validator("regex")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise SettingError(f"validate.regex does not compile: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _json_for_schema(self) -> ValidateSettings:
+        if self.json_ is False and self.json_schema is not None:
+            raise SettingError("validate.json is false but validate.json_schema is set: a "
+                               "schema needs JSON; drop one of them", at=("json",))
+        return self
+
+    @field_validator("deny_words")
+    @classmethod
+    def _check_deny_words(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            for i, term in enumerate(value):
+                if not term.strip():
+                    raise SettingError(f"validate.deny_words[{i}] is empty: an empty term "
+                                       "would match every reply", at=(str(i),))
+        elif isinstance(value, str) and not value.strip():
+            raise SettingError("validate.deny_words is empty: give a list of terms or the "
+                               "path of a file with one term a line")
+        return value
+
+
 class JobConfig(_Strict):
     """A batch job. Relative paths are resolved against the job file's folder when loaded
     with :meth:`load`, so cron can run it from anywhere."""
@@ -199,6 +256,13 @@ class JobConfig(_Strict):
     pricing: dict[str, Price] = Field(
         default_factory=dict, description="USD per 1M tokens, overriding the built-in table."
     )
+    validate_: ValidateSettings | None = Field(
+        None, alias="validate", description="Checks every reply must pass (JSON, JSON Schema, "
+        "deny list, regex, length, finish reason), with re-asks.")
+    fallback_models: list[str] = Field(
+        default_factory=list, description="Models tried in order when the job's model fails "
+        "a row for a reason another model may not share (server errors after retries, model "
+        "not found, context length, content filter, invalid output).")
     on_change: Literal["rerun", "keep", "error"] = Field(
         "rerun",
         description="A row whose request changed since its result was written: send it again "
@@ -254,6 +318,18 @@ class JobConfig(_Strict):
                     "OpenAI-compatible servers take extra parameters)", at=(str(key),))
         return {key: _json_value(value, (key,)) for key, value in params.items()}
 
+    @field_validator("fallback_models")
+    @classmethod
+    def _check_fallback_models(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for i, model in enumerate(value):
+            if not model.strip():
+                raise SettingError(f"fallback_models[{i}] is empty: name a model", at=(str(i),))
+            if model in seen:
+                raise SettingError(f"fallback_models names '{model}' twice", at=(str(i),))
+            seen.add(model)
+        return value
+
     @model_validator(mode="after")
     def _one_id_rule(self) -> JobConfig:
         if self.id is not None and self.id_field is not None:
@@ -288,6 +364,23 @@ class JobConfig(_Strict):
             return None
         return price_check(self.model, pricing=self.pricing,
                            max_cost_usd=self.limits.max_cost_usd, where=self.where("model"))
+
+    def fallback_price_checks(self) -> list[PriceCheck]:
+        """:meth:`model_price_check` for each of ``fallback_models``: a fallback serves
+        rows, so a capped job needs its price as much as the job model's."""
+        checks = []
+        for i, model in enumerate(self.fallback_models):
+            check = price_check(model, pricing=self.pricing,
+                                max_cost_usd=self.limits.max_cost_usd,
+                                where=self.where("fallback_models", str(i)))
+            if check is not None:
+                checks.append(check)
+        return checks
+
+    @property
+    def validation(self) -> ValidateSettings | None:
+        """The ``validate`` block (a Python name that doesn't shadow pydantic's own)."""
+        return self.validate_
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -626,6 +719,11 @@ def _key_lines(node: yaml.Node | None, path: Path) -> dict[tuple[str, ...], int]
                                       f"on line {out[key]})")
                 out[key] = line
                 walk(value_node, key)
+        elif isinstance(n, yaml.SequenceNode):  # items by index: fallback_models.1
+            for i, item in enumerate(n.value):
+                key = (*prefix, str(i))
+                out.setdefault(key, item.start_mark.line + 1)
+                walk(item, key)
 
     if node is not None:
         walk(node, ())

@@ -89,9 +89,14 @@ class UsageError(ConfigError):
 
 
 def validates_json(job: JobConfig) -> bool:
-    """Whether the job's replies are JSON, to be split into ``json.<key>`` columns. For
-    now: the job asks for them with ``params.response_format`` (``json_object`` or
-    ``json_schema``). The one place to teach about other ways (a ``validate:`` block)."""
+    """Whether the job's replies are JSON, to be split into ``json.<key>`` columns: the job
+    asks for them with ``params.response_format`` (``json_object`` or ``json_schema``), or
+    its ``validate`` block checks them as JSON (``json: true`` or a ``json_schema``)."""
+    checks = job.validation
+    if checks is not None and (checks.json_ or checks.json_schema is not None):
+        return True
+    if checks is not None and checks.json_ is False:
+        return False
     fmt = job.params.get("response_format")
     return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 

@@ -147,6 +147,34 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         (((str(code),), float(count)) for code, count in errors.items()),
     )
     gauge(
+        "batchgpt_model_rows",
+        "Results each model answered over all runs of the job (a fallback model's rows "
+        "included).",
+        ("model",),
+        [((model,), float(t.rows)) for model, t in summary.by_model.items()],
+    )
+    gauge(
+        "batchgpt_model_cost_usd",
+        "Estimated USD each model cost over all runs of the job (rejected replies and "
+        "re-asks included). Absent for a model whose price is unknown.",
+        ("model",),
+        [((model,), t.cost_usd) for model, t in summary.by_model.items()],
+    )
+    gauge(
+        "batchgpt_run_reasks",
+        "Follow-up turns of the last run, by the reason the reply they answered was "
+        "rejected (invalid_json, schema, denied_term, regex, too_long, truncated, "
+        "content_filter, refusal).",
+        ("reason",),
+        [((reason,), float(n)) for reason, n in this_run.reasks_by_reason.items()],
+    )
+    gauge(
+        "batchgpt_run_fallbacks",
+        "Rows of the last run moved to each fallback model.",
+        ("model",),
+        [((model,), float(n)) for model, n in this_run.fallbacks_by_model.items()],
+    )
+    gauge(
         "batchgpt_run_latency_seconds",
         "Request latency in the last run, in seconds: median (0.5), 95th and 99th "
         "percentile, and the slowest request (1).",

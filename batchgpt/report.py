@@ -20,10 +20,11 @@ import aiofiles
 import aiofiles.os
 
 from batchgpt.params import unknown_price_hint
-from batchgpt.pricing import Price, Usage, price_usage
+from batchgpt.pricing import Price, Usage, cost_usd, price_usage, resolve_price
 from batchgpt.store.index import Totals
 from batchgpt.summary import (
     Latency,
+    ModelTotals,
     Outcome,
     PlanCounts,
     Recovery,
@@ -52,6 +53,8 @@ class RunStats:
     failed_codes: Counter[str] = field(default_factory=Counter)  # rows failed, by final code
     failed_retryable: int = 0  # rows failed for a reason that may pass
     usage_by_model: dict[str, Usage] = field(default_factory=dict)
+    reasks: Counter[str] = field(default_factory=Counter)  # follow-up turns, by reason
+    fallbacks: Counter[str] = field(default_factory=Counter)  # rows moved to a model
     latencies: list[float] = field(default_factory=list)
     _seen_latencies: int = 0
 
@@ -75,6 +78,19 @@ class RunStats:
     @property
     def usage(self) -> Usage:
         return sum(self.usage_by_model.values(), Usage())
+
+
+def by_model(totals: Totals, pricing: Mapping[str, Price]) -> dict[str, ModelTotals]:
+    """Each model the job was charged for: results, tokens and cost (the models whose
+    price is unknown have cost None)."""
+    out = {}
+    for model, usage in sorted(totals.spend_by_model.items()):
+        rows = totals.results_by_model.get(model, 0)
+        if not rows and usage.total_tokens == 0 and usage.prompt_tokens == 0:
+            continue
+        out[model or "(unnamed)"] = ModelTotals(
+            rows=rows, usage=usage, cost_usd=cost_usd(usage, resolve_price(model, pricing)))
+    return out
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -126,6 +142,7 @@ def build_summary(
         cost_usd=cum_cost,
         cost_unknown_models=unknown,
         cost_unrecorded_usd=round(totals.unseen_usd, 6),
+        by_model=by_model(totals, pricing),
         this_run=ThisRun(
             requests=RunRequests(sent=stats.sent, succeeded=stats.succeeded,
                                  failed=stats.failed, retries=stats.retries,
@@ -140,6 +157,8 @@ def build_summary(
             achieved_rpm=round(stats.sent / minutes, 1) if minutes else None,
             achieved_tpm=round(run_usage.total_tokens / minutes, 1) if minutes else None,
             recovered=recovered,
+            reasks_by_reason=dict(sorted(stats.reasks.items())),
+            fallbacks_by_model=dict(sorted(stats.fallbacks.items())),
         ),
         output=str(output),
         failures=str(failures),
@@ -199,6 +218,17 @@ def render_table(summary: Summary) -> str:
                      "the input (kept)")
     if summary.cost_unknown_models:
         lines.append("  cost unknown for " + unknown_price_hint(summary.cost_unknown_models))
+    if len(summary.by_model) > 1 or run.fallbacks_by_model:
+        lines.append("  by model (job total):")
+        for model, t in summary.by_model.items():
+            lines.append(f"    {model}: {t.rows:,} rows, {t.usage.total_tokens:,} tokens, "
+                         f"{_money(t.cost_usd)}")
+    if run.reasks_by_reason:
+        lines.append("  re-asks this run: " + ", ".join(
+            f"{reason} ×{n}" for reason, n in run.reasks_by_reason.items()))
+    if run.fallbacks_by_model:
+        lines.append("  fallbacks this run: " + ", ".join(
+            f"{model} ×{n}" for model, n in run.fallbacks_by_model.items()))
     if run.errors_by_code:
         lines.append("  errors this run:")
         for code, count in run.errors_by_code.items():

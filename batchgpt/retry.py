@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchgpt.config import RetryPolicy
@@ -198,3 +198,38 @@ def decide(
     return Decision(Action.RETRY, delay_s=delay, pause_s=pause, slow_down=slow,
                     reason="the server says to retry (x-should-retry: true)" if told
                     else "retryable")
+
+
+# Errors about what one model can do with a row (its context window, its content policy,
+# whether the key can use it at all): another model may not share them.
+FALLBACK_CODES = frozenset(
+    {"model_not_found", "context_length_exceeded", "content_filter", "content_policy_violation"}
+)
+
+
+def fallback_chain(model: str, fallbacks: Sequence[str], missing: Collection[str]) -> list[str]:
+    """The models a row is tried on, in order: its own, then the job's fallbacks (without
+    repeating its own), less those found missing this run — except the last, which is
+    always tried, so a row whose every model is missing still gets the server's answer."""
+    chain = [model, *(m for m in fallbacks if m != model)]
+    return [m for m in chain[:-1] if m not in missing] + chain[-1:]
+
+
+def falls_back(failure: Failure, decision: Decision) -> bool:
+    """Whether a row that ``failure`` ended on one model (``decision`` is not a retry) may
+    be tried on the next of ``fallback_models``: a model missing or too small for the
+    row, its content filter, or its server still failing when the retries ran out (5xx,
+    timeouts, dropped connections). Never for what is about the key, the account or the
+    request itself (401, 403, quota, other 4xx): every model would answer the same.
+    Invalid output after its re-asks falls back too (the runner decides that one: it is
+    not an HTTP failure)."""
+    if decision.action is Action.RETRY:
+        return False
+    if failure.status in (401, 403) or failure.error_code in QUOTA_CODES:
+        return False
+    if failure.error_code in FALLBACK_CODES:
+        return True
+    if decision.action is Action.FAIL_ROW and decision.transient:
+        return failure.kind in (Kind.TIMEOUT, Kind.CONNECTION) or (
+            failure.kind is Kind.HTTP and (failure.status or 0) >= 500)
+    return False

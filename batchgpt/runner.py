@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
 from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
+from batchgpt.checks import Checks, Rejection, reask_messages
 from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
 from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_credentials, sent_no_key
@@ -38,13 +39,13 @@ from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
 from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
-from batchgpt.retry import Action, Decision, Failure, Kind, decide
+from batchgpt.retry import Action, Decision, Failure, Kind, decide, fallback_chain, falls_back
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso
 from batchgpt.store.output_log import line_id
 from batchgpt.store.writer import IndexFailed
 from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
-from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
+from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE, prompt_tokens, request_cost
 
 if TYPE_CHECKING:  # the openai SDK takes ~1.5 s to import: only runs that send load it
     from batchgpt.client import Attempt, ChatClient
@@ -163,12 +164,32 @@ class Slots:
                 self._cond.notify(limit - self.in_use)
 
 
+@dataclass(slots=True)
+class _Held:
+    """The budget reservation a row holds now: its first request's, then each re-ask's or
+    fallback's in turn."""
+
+    reservation: Reservation
+
+
+class _Sent(NamedTuple):
+    """How one request of a row ended: a reply, or the failure and the decision on it."""
+
+    result: Attempt | None
+    failure: Failure | None
+    decision: Decision | None
+    attempts: int
+
+
 class _Run:
     """State of one run; the methods are the pipeline's stages."""
 
     def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                 source: InputFile, clock: Clock, spent_before: float = 0.0) -> None:
+                 source: InputFile, clock: Clock, spent_before: float = 0.0,
+                 checks: Checks | None = None) -> None:
         self.job = job
+        self.checks = checks
+        self.missing_models: set[str] = set()  # fallback jobs: models found not to exist
         self.options = options
         self.store = store
         self.plan = plan
@@ -258,12 +279,17 @@ class _Run:
         )
 
     # -- budget -------------------------------------------------------------------------
-    async def _admit(self, row: Row) -> Reservation | None:
-        """Reserve the most this row may cost, waiting for rows in flight to settle while
-        it doesn't fit; None when the budget says stop (or the run stops meanwhile). See
+    async def _admit(self, row: Row, body: dict[str, Any] | None = None
+                     ) -> Reservation | None:
+        """Reserve the most this row's request (``body``, by default the row's own) may
+        cost, waiting for rows in flight to settle while it doesn't fit; None when the
+        budget says stop (or the run stops meanwhile). See
         :class:`~batchgpt.budget.Budget` for the algorithm."""
+        body = row.body if body is None else body
+        prompt = (row.prompt_tokens if body["messages"] is row.body["messages"]
+                  else prompt_tokens(body["messages"]))
         # None only for a model with no price, which a capped job refused before starting.
-        worst = worst_case(row.body["model"], row.prompt_tokens, row.max_output_tokens,
+        worst = worst_case(body["model"], prompt, row.max_output_tokens,
                            self.job.pricing) or 0.0
         budget = self.budget
         while not self.stopping.is_set():
@@ -345,20 +371,21 @@ class _Run:
     async def work(self, row: Row, reservation: Reservation) -> None:
         me = asyncio.current_task()
         assert me is not None
+        held = _Held(reservation)
         try:
-            await self._attempts(row, me, reservation)
+            await self._attempts(row, me, held)
         except asyncio.CancelledError:
             # The row stays pending: the next run sends it. If its request was on the wire
             # (not waiting in the limiter or a backoff) it may have been billed all the same.
             if me not in self.waiting_tasks:
-                self.budget.abandon(reservation)
+                self.budget.abandon(held.reservation)
         except BatchGPTError as exc:  # a result could not be written: disk full, ...
             self.request_stop(StopReason.STORAGE, str(exc), ExitCode.ERROR)
         except Exception as exc:  # a bug must not keep spending: stop, keep what is done
             self._internal_error(exc, row)
         finally:
             self.waiting_tasks.discard(me)
-            self.budget.release(reservation)  # no reply: nothing billed (no-op once settled)
+            self.budget.release(held.reservation)  # no reply: nothing billed (no-op once settled)
             self.settled.set()
             await self.slots.release()
 
@@ -377,35 +404,99 @@ class _Run:
             ExitCode.SOFTWARE,
         )
 
-    async def _attempts(self, row: Row, me: asyncio.Task[None],
-                        reservation: Reservation) -> None:
+    async def _attempts(self, row: Row, me: asyncio.Task[None], held: _Held) -> None:
+        """Take the row through its models (the one it names, then ``fallback_models``)
+        until one gives an accepted reply, the row fails, or the run stops. On each model:
+        the request with its retries, then, while the output checks reject the reply and
+        re-asks are left, a follow-up turn (see :mod:`batchgpt.checks`). Each request past
+        the first is admitted by the budget on its own."""
+        checks = self.checks
+        models = fallback_chain(row.body["model"], self.job.fallback_models,
+                                self.missing_models)
+        attempts = 0
+        for i, model in enumerate(models):
+            has_next = i + 1 < len(models)
+            own = model == row.body["model"]  # not when its model was found missing
+            body = row.body if own else {**row.body, "model": model}
+            if not own:
+                self.stats.fallbacks[model] += 1
+                if not await self._admit_more(row, body, held):
+                    return
+            request, reasks = body, 0
+            while True:
+                sent = await self._send(row, me, request, has_next)
+                if sent is None:  # the run is stopping: the row stays pending
+                    return
+                attempts += sent.attempts
+                result, failure, decision, _ = sent
+                if result is None:
+                    assert failure is not None and decision is not None
+                    if has_next and falls_back(failure, decision):
+                        if failure.error_code == "model_not_found":
+                            self.missing_models.add(model)
+                        self._log_fallback(row, model, models[i + 1], failure.error_code)
+                        break
+                    if decision.action is Action.FAIL_ROW:
+                        await self._fail(row, failure, attempts, decision.transient)
+                    else:
+                        self.request_stop(_stop_reason(decision.reason),
+                                          self._stop_message(decision.reason, failure),
+                                          ExitCode.ERROR)
+                    return
+                reply = result.success
+                assert reply is not None
+                rejection = checks.judge(reply.body, request) if checks is not None else None
+                if rejection is None:
+                    await self._succeed(row, result, attempts, held.reservation, model)
+                    return
+                await self._count_rejected(row, result, held.reservation, model, rejection)
+                assert checks is not None
+                if reasks < checks.max_reasks:
+                    reasks += 1
+                    self.stats.reasks[rejection.reason.value] += 1
+                    request = {**body, "messages": reask_messages(
+                        body["messages"], reply.body, rejection, checks.schema_for(body))}
+                    if not await self._admit_more(row, request, held):
+                        return
+                    continue
+                if has_next:
+                    self._log_fallback(row, model, models[i + 1], "invalid_output")
+                    break
+                await self._fail_invalid(row, result, rejection, attempts, reasks, model)
+                return
+
+    async def _send(self, row: Row, me: asyncio.Task[None], body: dict[str, Any],
+                    has_fallback: bool) -> _Sent | None:
+        """One request with its retries: a reply, or the failure that ended it and the
+        decision on it (a retry never comes back), or None when the run stops first."""
         assert self.client is not None
         policy = self.job.retry
+        cost = row.cost if body is row.body or body["messages"] is row.body["messages"] \
+            else request_cost(body)
         attempt = 0
         while True:
             attempt += 1
             self.waiting_tasks.add(me)
             if self.stopping.is_set():
-                return
+                return None
             await self._pass_breaker()
             try:
-                await self.limiter.acquire(row.cost)
+                await self.limiter.acquire(cost)
             except RequestTooLarge as exc:
                 self.waiting_tasks.discard(me)
                 await self._breaker_withdraw()
-                await self._fail(row, Failure(Kind.TOO_LARGE, str(exc)), attempt - 1, False)
-                return
+                return _Sent(None, Failure(Kind.TOO_LARGE, str(exc)),
+                             Decision(Action.FAIL_ROW), attempt - 1)
             if self.stopping.is_set():
-                return
+                return None
             self.waiting_tasks.discard(me)
             self.stats.sent += 1
-            result = await self.client.complete(row.body)
+            result = await self.client.complete(body)
             self.stats.add_latency(result.latency_s)
             self._observe(result)
             if result.success is not None:
                 await self._judge(None, None)
-                await self._succeed(row, result, attempt, reservation)
-                return
+                return _Sent(result, None, None, attempt)
             failure = result.failure
             assert failure is not None
             self.stats.add_error(failure.error_code, failure.message)
@@ -416,11 +507,14 @@ class _Run:
                 self.limiter.slow_down()
             if decision.pause_s:
                 self.limiter.pause(decision.pause_s)
-            await self._judge(failure, decision)  # may stop the run (the circuit breaker)
+            moves_on = has_fallback and falls_back(failure, decision)
+            # May stop the run (the circuit breaker); a row that moves on to its next model
+            # says nothing about the endpoint.
+            await self._judge(failure, decision, neutral=moves_on)
             if decision.action is Action.RETRY:
                 self.waiting_tasks.add(me)
                 if self.stopping.is_set():
-                    return
+                    return None
                 event(log, logging.DEBUG, "retry", "row %s: attempt %d failed (%s); retrying "
                       "in %.2fs", row.custom_id, attempt, failure.error_code, decision.delay_s,
                       job=self.job.job_name, row=row.custom_id, attempt=attempt,
@@ -429,13 +523,23 @@ class _Run:
                 await self.clock.sleep(decision.delay_s)
                 self.stats.retries += 1  # counted when made: a stop cancels the sleep
                 continue
-            if decision.action is Action.FAIL_ROW:
-                await self._fail(row, failure, attempt, decision.transient)
-                return
-            reason = _stop_reason(decision.reason)
-            self.request_stop(reason, self._stop_message(decision.reason, failure),
-                              ExitCode.ERROR)
-            return
+            return _Sent(None, failure, decision, attempt)
+
+    async def _admit_more(self, row: Row, body: dict[str, Any], held: _Held) -> bool:
+        """Admit one more request of a row (a re-ask, a fallback) by the budget: the row's
+        reservation so far is settled or given back first. False when the run stops (the
+        budget, a signal) before it is admitted: the row stays pending."""
+        self.budget.release(held.reservation)  # a no-op once settled by a reply
+        reservation = await self._admit(row, body)
+        if reservation is None:
+            return False
+        held.reservation = reservation
+        return True
+
+    def _log_fallback(self, row: Row, model: str, to: str, why: str) -> None:
+        event(log, logging.INFO, "fallback", "row %s: %s failed it (%s); trying %s",
+              row.custom_id, model, why, to, job=self.job.job_name, row=row.custom_id,
+              model=model, fallback=to, error_code=why)
 
     # -- circuit breaker ----------------------------------------------------------------
     async def _pass_breaker(self) -> None:
@@ -452,12 +556,15 @@ class _Run:
         async with self.breaker_gate:
             self.breaker_gate.notify_all()
 
-    async def _judge(self, failure: Failure | None, decision: Decision | None) -> None:
-        """Feed one attempt's outcome to the breaker; stop the run if it trips."""
+    async def _judge(self, failure: Failure | None, decision: Decision | None,
+                     neutral: bool = False) -> None:
+        """Feed one attempt's outcome to the breaker; stop the run if it trips.
+        ``neutral``: the outcome is about this model and this row, which moves on to its
+        fallback model; it says nothing about the endpoint."""
         breaker = self.breaker
         if breaker.state is not State.ARMED:
             return
-        stops = decision is not None and decision.action is Action.STOP_RUN
+        stops = neutral or (decision is not None and decision.action is Action.STOP_RUN)
         if breaker.record(assess(failure, stops)):
             self.request_stop(StopReason.CIRCUIT_BREAKER, self._breaker_message(decision),
                               ExitCode.ERROR)
@@ -495,23 +602,16 @@ class _Run:
         self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
 
     async def _succeed(self, row: Row, result: Attempt, attempts: int,
-                       reservation: Reservation) -> None:
+                       reservation: Reservation, requested: str) -> None:
+        """``requested``: the model the reply was asked of (the row's, or a fallback)."""
         success = result.success
         assert success is not None
         body = success.body
-        echoed = body.get("model")
-        requested: str = row.body["model"]
         # The model the reply is billed as (the index's spend, the summary's cost, the
         # budget): the server's name for it, or the requested one when the server answers
         # with an alias that has no price. The output line keeps what the server said.
-        model = billed_model(echoed if isinstance(echoed, str) else requested, requested,
-                             self.job.pricing)
-        usage, dropped = Usage.parse_response(body.get("usage"))
-        if dropped and not self.warned_usage:
-            self.warned_usage = True
-            log.warning("row %s: the server's usage held values that are not token counts "
-                        "(%s); they are counted as 0 (logged once a run)", row.custom_id,
-                        ", ".join(dropped))
+        model = self._billed(body, requested)
+        usage = self._usage(row, body)
         line = encode_line({
             "id": line_id(row.custom_id, row.request_hash),
             "custom_id": row.custom_id,
@@ -530,12 +630,62 @@ class _Run:
         self.limiter.record_success()
         self._count_success(model, usage, reservation)
 
+    def _usage(self, row: Row, body: dict[str, Any]) -> Usage:
+        usage, dropped = Usage.parse_response(body.get("usage"))
+        if dropped and not self.warned_usage:
+            self.warned_usage = True
+            log.warning("row %s: the server's usage held values that are not token counts "
+                        "(%s); they are counted as 0 (logged once a run)", row.custom_id,
+                        ", ".join(dropped))
+        return usage
+
+    def _billed(self, body: dict[str, Any], requested: str) -> str:
+        echoed = body.get("model")
+        return billed_model(echoed if isinstance(echoed, str) else requested, requested,
+                            self.job.pricing)
+
     def _count_success(self, model: str, usage: Usage, reservation: Reservation) -> None:
         self.stats.succeeded += 1
+        self._count_paid(model, usage, reservation)
+
+    def _count_paid(self, model: str, usage: Usage, reservation: Reservation) -> None:
         self.stats.add_usage(model, usage)
         self.budget.settle(reservation, cost_usd(usage, resolve_price(model, self.job.pricing)))
 
-    async def _fail(self, row: Row, failure: Failure, attempts: int, transient: bool) -> None:
+    async def _count_rejected(self, row: Row, result: Attempt, reservation: Reservation,
+                              requested: str, rejection: Rejection) -> None:
+        """A reply the checks rejected was paid for all the same: its usage joins the
+        run's, the job's spend (in the index, before anything else is sent for the row)
+        and the budget."""
+        success = result.success
+        assert success is not None
+        model = self._billed(success.body, requested)
+        usage = self._usage(row, success.body)
+        self._count_paid(model, usage, reservation)
+        event(log, logging.DEBUG, "rejected", "row %s: %s rejected the reply (%s: %s)",
+              row.custom_id, model, rejection.reason.value, rejection.detail,
+              job=self.job.job_name, row=row.custom_id, model=model,
+              reason=rejection.reason.value, detail=rejection.detail)
+        writer = self.store.writer
+        assert writer is not None
+        await writer.put_spend(model, usage)
+
+    async def _fail_invalid(self, row: Row, result: Attempt, rejection: Rejection,
+                            attempts: int, reasks: int, model: str) -> None:
+        """The row's last reply still failed its checks: a failure with the reason, the
+        detail and that reply; ``--retry-failed`` sends it again, a plain rerun doesn't."""
+        success = result.success
+        assert success is not None
+        asked = f" (after {reasks} re-ask{'s' if reasks != 1 else ''})" if reasks else ""
+        failure = Failure(Kind.HTTP, f"{rejection.problem}{asked}", status=200,
+                          code="invalid_output", type="invalid_output",
+                          body=success.body, request_id=success.request_id)
+        await self._fail(row, failure, attempts, False, extra={
+            "reason": rejection.reason.value, "detail": rejection.detail,
+            "model": self._billed(success.body, model), "reasks": reasks})
+
+    async def _fail(self, row: Row, failure: Failure, attempts: int, transient: bool,
+                    extra: dict[str, Any] | None = None) -> None:
         response = None
         if failure.status is not None:
             response = {"status_code": failure.status, "request_id": failure.request_id,
@@ -549,6 +699,7 @@ class _Run:
                 "message": failure.message,
                 "status": failure.status,
                 "type": failure.type,
+                **(extra or {}),
                 "attempts": attempts,
                 "retryable": transient,
             },
@@ -644,6 +795,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     """Run (or resume) a job. Raises BatchGPTError for anything that stops it from
     running at all; everything else ends in a RunResult with an exit code."""
     options = options or RunOptions()
+    checks = Checks.for_job(job)  # files read, schema and regex compiled: before anything
     store = Store(job)
     if options.dry_run:
         store.open_readonly()
@@ -692,7 +844,8 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
             moved = store.set_aside_previous()
             for src, dst in moved:
                 log.info("--fresh: moved %s to %s", src, dst)
-        result = await _execute(job, options, store, plan, source, spent_before, credentials)
+        result = await _execute(job, options, store, plan, source, spent_before, credentials,
+                                checks)
         result.set_aside = moved
         return result
     finally:
@@ -749,13 +902,14 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
 
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
                    source: InputFile, spent_before: float,
-                   credentials: tuple[str | None, str] | None) -> RunResult:
+                   credentials: tuple[str | None, str] | None,
+                   checks: Checks | None = None) -> RunResult:
     """Send the plan's rows. ``credentials``: (base URL, key) as :func:`run_job` resolved
     them, None with ``--sandbox`` (the simulator's) or nothing to send."""
     clock = options.clock or SystemClock()
     started_at = now_iso()
     t0 = clock.monotonic()
-    run = _Run(job, options, store, plan, source, clock, spent_before)
+    run = _Run(job, options, store, plan, source, clock, spent_before, checks)
     store.start_run()
     describe = (f"{plan.rows} rows: {plan.done} done before, {plan.to_send} to send "
                 f"({plan.new} new, {plan.retrying} retried, {plan.changed} changed since their "

@@ -826,8 +826,9 @@ class InputFile:
         self.job = job
         self.path = Path(job.input)
         self.builder = RowBuilder(job)
-        check = job.model_price_check()
-        if check is not None:  # a budget with an unknown price, or a likely misspelling
+        # A budget with an unknown price, or a likely misspelling.
+        for check in [c for c in (job.model_price_check(),) if c is not None] + \
+                job.fallback_price_checks():
             if check.fatal:
                 raise ConfigError(check.message)
             log.warning("%s", check.message)

@@ -95,6 +95,18 @@ class ThisRun(_Model):
     achieved_rpm: float | None
     achieved_tpm: float | None
     recovered: Recovery = Field(default_factory=Recovery)
+    # The output checks (validate:): follow-up turns by the reason of the reply they
+    # answered, and rows moved to each fallback model.
+    reasks_by_reason: dict[str, int] = Field(default_factory=dict)
+    fallbacks_by_model: dict[str, int] = Field(default_factory=dict)
+
+
+class ModelTotals(_Model):
+    """One model's share of the job, over all its runs."""
+
+    rows: int  # results it answered (replaced ones included: they were paid for)
+    usage: Usage  # everything it was paid for: results, replaced results, rejected replies
+    cost_usd: float | None  # None: its price is unknown
 
 
 class PlanCounts(_Model):
@@ -128,6 +140,7 @@ class Summary(_Model):
     # worst case of requests sent and never answered (a killed run, abandoned requests).
     # cost_usd and the cap (limits.max_cost_usd) both count it; status reports the same.
     cost_unrecorded_usd: float = 0.0
+    by_model: dict[str, ModelTotals] = Field(default_factory=dict)
     this_run: ThisRun
     output: str
     failures: str

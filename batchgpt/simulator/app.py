@@ -33,6 +33,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from batchgpt import tokens
+from batchgpt.simulator.replies import (
+    FailingStatus,
+    ReplyFaults,
+    follows_up,
+    instance_for,
+    model_failure,
+    parse_failing_model,
+    parse_reply_faults,
+    response_schema,
+    spoil,
+)
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano")
 LABELS = ("positive", "negative", "neutral", "mixed")
@@ -64,6 +75,10 @@ class FaultConfig(BaseModel):
     # surrogate in the content, ...), and a proxy that answers every request with this
     # status and echoes the Authorization header it was given in the error message.
     headers: dict[str, str] = Field(default_factory=dict)
+    # Bad first answers for the output checks, and models that always fail (fallbacks):
+    # see batchgpt.simulator.replies.
+    replies: ReplyFaults = ReplyFaults()
+    failing_models: dict[str, FailingStatus] = Field(default_factory=dict)
     reply_patch: dict[str, Any] | None = None
     echo_auth_status: int | None = Field(default=None, ge=400, le=599)
 
@@ -126,6 +141,7 @@ class SimulatorStats:
         self.in_flight = 0
         self.max_in_flight = 0
         self.tokens_charged = 0
+        self.spoiled: dict[str, int] = {}  # first answers spoiled, by fault
 
     def to_dict(self, bodies: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -134,6 +150,7 @@ class SimulatorStats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "tokens_charged": self.tokens_charged,
+            "spoiled": dict(sorted(self.spoiled.items())),
         }
         if bodies:
             out["bodies"] = list(self.bodies)
@@ -237,19 +254,25 @@ def _fit(content: str, cap: int) -> str:
     return content[:lo]
 
 
-def completion_for(body: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
+def completion_for(body: Mapping[str, Any], model: str | None = None,
+                   question: list[Any] | None = None) -> dict[str, Any]:
     """The chat.completion the sandbox answers ``body`` with. Content and usage depend only
     on the body (ids and ``created`` don't): "[sandbox] " plus the first sentence of the last
-    user message, or a small JSON object when ``response_format`` asks for JSON."""
+    user message, or a small JSON object when ``response_format`` asks for JSON.
+    ``question``: the messages to answer, when not the whole conversation (a follow-up to a
+    spoiled answer is answered as the original question was)."""
     messages = body["messages"]
     text = ""
-    for message in reversed(messages):
+    for message in reversed(question if question is not None else messages):
         if message.get("role") == "user":
             text = tokens._content_text(message.get("content"))
             break
     sentence = _first_sentence(text)
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+    schema = response_schema(body)
+    if schema is not None and (schema.get("properties") or schema.get("type")):
+        content = json.dumps(instance_for(schema, text, sentence), ensure_ascii=False)
+    elif isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
         label = LABELS[zlib.crc32(text.encode()) % len(LABELS)]
         content = json.dumps({"sandbox": True, "label": label, "summary": sentence})
     else:
@@ -321,6 +344,7 @@ class Simulator:
         self._req_bucket: _Bucket | None = None
         self._tok_bucket: _Bucket | None = None
         self._seen: dict[bytes, int] = {}
+        self._spoiled: set[str] = set()  # texts of spoiled answers: a follow-up is clean
         self._quota_used = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -373,6 +397,7 @@ class Simulator:
         """Refill the buckets, forget quota usage and how often each body was seen."""
         self._req_bucket = self._tok_bucket = None
         self._seen.clear()
+        self._spoiled.clear()
         self._quota_used = 0
 
     # -- the hot path ----------------------------------------------------------------
@@ -433,6 +458,10 @@ class Simulator:
             return self._finish(invalid, started, buckets, faults)
         assert isinstance(body, dict)
         model = body["model"]
+        failing = faults.failing_models.get(model)
+        if failing is not None:
+            status, message, type_, code = model_failure(model, failing)
+            return self._finish(_error(status, message, type_, code), started, buckets, faults)
         marker = faults.poison_marker
         if marker and marker.encode() in raw and _has_marker(body["messages"], marker):
             return self._finish(_invalid(
@@ -477,11 +506,31 @@ class Simulator:
         elif outcome == "garbage":
             resp = web.Response(status=200, body=GARBAGE_BODY, content_type="text/html")
         else:
-            reply = completion_for(body, config.model_alias)
+            reply = self._reply(body, config)
             if faults.reply_patch:
                 reply = _merge(reply, faults.reply_patch)
             resp = web.Response(body=json.dumps(reply).encode(), content_type="application/json")
         return self._finish(resp, started, self._buckets(config, time.monotonic()), faults)
+
+    def _reply(self, body: dict[str, Any], config: SimulatorConfig) -> dict[str, Any]:
+        """The answer; a seeded share of first answers spoiled (see replies.ReplyFaults),
+        and a follow-up to a spoiled answer answered cleanly, as the original question."""
+        rf = config.faults.replies
+        if rf.total_rate() <= 0.0:
+            return completion_for(body, config.model_alias)
+        if follows_up(body["messages"], self._spoiled):
+            return completion_for(body, config.model_alias, question=body["messages"][:-2])
+        reply = completion_for(body, config.model_alias)
+        if rf.only_models and body["model"] not in rf.only_models:
+            return reply
+        key = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                        ensure_ascii=False).encode()).hexdigest()
+        u = _unit(config.seed, key, "reply")
+        fault = rf.pick(u)
+        if fault is not None:
+            self._spoiled.add(spoil(reply, fault, rf.denied_terms, u))
+            self.stats.spoiled[fault] = self.stats.spoiled.get(fault, 0) + 1
+        return reply
 
     @staticmethod
     def _pick_fault(faults: FaultConfig, u: float) -> str:
@@ -693,6 +742,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quota-after", type=int)
     p.add_argument("--poison-marker", default="__POISON__")
     p.add_argument("--api-key", help="require this bearer key")
+    p.add_argument("--reply-faults", default="",
+                   help="e.g. invalid_json=0.2,truncated=0.1,denied=0.1 (first answers)")
+    p.add_argument("--denied-term", action="append", default=[])
+    p.add_argument("--fail-model", action="append", default=[], help="MODEL=503 or MODEL=404")
     a = p.parse_args(argv)
     try:
         config = SimulatorConfig(
@@ -703,8 +756,10 @@ def main(argv: list[str] | None = None) -> None:
                 server_error_rate=a.server_error_rate, overload_rate=a.overload_rate,
                 drop_rate=a.drop_rate, hang_rate=a.hang_rate, hang_s=a.hang_s,
                 garbage_rate=a.garbage_rate, quota_after=a.quota_after,
-                poison_marker=a.poison_marker or None, api_key=a.api_key))
-    except ValidationError as exc:
+                poison_marker=a.poison_marker or None, api_key=a.api_key,
+                replies=parse_reply_faults(a.reply_faults, a.denied_term),
+                failing_models=dict(parse_failing_model(m) for m in a.fail_model)))
+    except (ValidationError, ValueError) as exc:
         p.error(str(exc))
     serve(config, a.host, a.port)
 

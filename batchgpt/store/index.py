@@ -210,6 +210,7 @@ class Totals:
     results: int = 0  # results in the output, whatever their ids
     failures: int = 0
     spend_by_model: dict[str, Usage] = field(default_factory=dict)  # what was paid
+    results_by_model: dict[str, int] = field(default_factory=dict)  # results it answered
     replaced: int = 0  # results later replaced by a newer one (paid, no longer in the output)
     # Spend no result records, in USD: what a lost index had recorded for replaced results
     # (read back from the last summary), and the worst case of requests a run gave up or
@@ -516,10 +517,11 @@ class Index:
 
     # -- writing --------------------------------------------------------------------------
     def commit(self, results: list[NewResult], failures: list[NewFailure], run_id: int | None,
-               **meta: str | int) -> int:
+               spend: Sequence[tuple[str, Usage]] = (), **meta: str | int) -> int:
         """One transaction: results (each replacing any earlier result of its id, and
-        clearing its failure), failures (never touching a result), what was paid, and the
-        meta values given. Returns how many earlier results were replaced."""
+        clearing its failure), failures (never touching a result), what was paid (the
+        results', and ``spend``: replies paid for and not kept), and the meta values given.
+        Returns how many earlier results were replaced."""
         now = time.time()
         with self.transaction() as db:
             replaced = 0
@@ -534,6 +536,10 @@ class Index:
                 )
                 db.executemany("DELETE FROM failures WHERE custom_id = ?", [(i,) for i in ids])
                 self._add_spend(results)
+            if spend:
+                db.executemany(f"{SPEND_INSERT} VALUES (?,0,?,?,?,?) {SPEND_UPSERT}",
+                               [(clean_text(m) or "", u.prompt_tokens, u.completion_tokens,
+                                 u.cached_tokens, u.reasoning_tokens) for m, u in spend])
             if failures:
                 db.executemany(
                     "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?,?)",
@@ -629,10 +635,11 @@ class Index:
         t.replaced = self.meta_int("replaced")
         # (A run's in-flight allowance counts until the run settles it: see Store.open.)
         t.unseen_usd = self.meta_float("unseen_usd") + self.meta_float("inflight_allowance_usd")
-        for model, p, c, cached, reasoning in self.db.execute(
-            "SELECT model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens "
-            "FROM spend"
+        for model, n, p, c, cached, reasoning in self.db.execute(
+            "SELECT model, results, prompt_tokens, completion_tokens, cached_tokens, "
+            "reasoning_tokens FROM spend"
         ):
+            t.results_by_model[model or ""] = n
             t.spend_by_model[model or ""] = Usage(
                 prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
                 cached_tokens=cached, reasoning_tokens=reasoning,

@@ -39,6 +39,7 @@ class _Item:
     line: bytes
     done: asyncio.Future[None]
     meta: dict[str, str | int] | None = None
+    spend: tuple[str, Usage] | None = None  # a reply paid for and not kept (a re-ask's)
 
 
 class IndexFailed(StateError):
@@ -82,6 +83,12 @@ class GroupWriter:
         await self._put(None, NewFailure(custom_id, req_hash, transient, error_code, attempts,
                                          line), line)
 
+    async def put_spend(self, model: str, usage: Usage) -> None:
+        """Record what a reply that is not kept cost (one an output check rejected): it
+        was paid for, so the job's spend and its cap count it, in order with the results
+        around it."""
+        await self._put(None, None, b"", spend=(model, usage))
+
     @property
     def healthy(self) -> bool:
         """Every result so far is in the output and recorded in the index."""
@@ -93,12 +100,14 @@ class GroupWriter:
         await self._put(None, None, b"", values)
 
     async def _put(self, result: NewResult | None, failure: NewFailure | None,
-                   line: bytes, meta: dict[str, str | int] | None = None) -> None:
+                   line: bytes, meta: dict[str, str | int] | None = None,
+                   spend: tuple[str, Usage] | None = None) -> None:
         if self.broken is not None:
             raise self.broken
         if self._task is None:
             raise StateError("the result writer is not running")
-        item = _Item(result, failure, line, asyncio.get_running_loop().create_future(), meta)
+        item = _Item(result, failure, line, asyncio.get_running_loop().create_future(), meta,
+                     spend)
         self._queue.append(item)
         self._wakeup.set()
         await asyncio.shield(item.done)
@@ -136,7 +145,10 @@ class GroupWriter:
         failures: list[NewFailure] = []
         chunks: list[bytes] = []
         extra: dict[str, str | int] = {}
+        spend: list[tuple[str, Usage]] = []
         for item in batch:
+            if item.spend is not None:
+                spend.append(item.spend)
             if item.result is not None:
                 results.append(item.result)
                 chunks.append(item.line)
@@ -160,7 +172,8 @@ class GroupWriter:
                 "and the next run takes them over") if results else ""
         self._check_state_folder(kept)
         try:
-            self.replaced += self.index.commit(results, failures, self.run_id, **meta)
+            self.replaced += self.index.commit(results, failures, self.run_id, spend=spend,
+                                               **meta)
         except (sqlite3.Error, OverflowError, ValueError) as exc:
             raise IndexFailed(f"cannot record results in the checkpoint "
                               f"({type(exc).__name__}: {exc}){kept}") from None
