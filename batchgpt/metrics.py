@@ -99,6 +99,19 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
          (("pending",), requests.pending)],
     )
     gauge(
+        "batchgpt_rows_by_mode",
+        "Succeeded rows of the job by the mode that answered them: online (one request "
+        "at a time) or batch (the provider's Batch API, mode: batch).",
+        ("mode",),
+        [((mode,), count) for mode, count in summary.rows_by_mode.items()],
+    )
+    gauge(
+        "batchgpt_batches_running",
+        "mode: batch: the job's batches still running at the provider after the last run.",
+        (),
+        [((), summary.batches_running)],
+    )
+    gauge(
         "batchgpt_tokens",
         "Tokens the job has used over all its runs, as reported by the API. cached is part "
         "of prompt and reasoning is part of completion.",

@@ -41,6 +41,7 @@ from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, encode_line, now_iso
+from batchgpt.store.batches import rows_by_mode
 from batchgpt.store.output_log import line_id
 from batchgpt.store.writer import IndexFailed
 from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
@@ -75,6 +76,7 @@ class RunOptions:
     # handle_signals): code that embeds a run, or a test, interrupts it as a signal would
     # by calling handler(signal.SIGTERM), without sending a signal to the whole process.
     expose_signal_handler: Callable[[Callable[[int], None]], None] | None = None
+    wait: bool = False  # mode: batch: poll until every row is settled (--wait)
 
 
 @dataclass
@@ -684,6 +686,10 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                                           for src, dst in store.previous_files()}
             return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est,
                              output=Path(job.output), failures_file=job.failures_path)
+        if job.mode == "batch":  # the provider's Batch API (batchgpt.modes.batch)
+            from batchgpt.modes.batch import run_batch
+
+            return await run_batch(job, options, store, plan, source, spent_before)
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)
@@ -881,6 +887,7 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
         recovered=Recovery(taken_over=rec.taken_over, lost=rec.lost,
                            set_aside=[str(p) for p in rec.set_aside]),
     )
+    summary.rows_by_mode = rows_by_mode(store.index)  # (mode: batch counts its own)
     try:
         await write_summary(job.summary_path, summary)
         store.finish_run(outcome.value, summary.model_dump_json())

@@ -27,12 +27,15 @@ import time
 import zlib
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from batchgpt import tokens
+
+if TYPE_CHECKING:
+    from batchgpt.simulator.batches import BatchEndpoints
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano")
 LABELS = ("positive", "negative", "neutral", "mixed")
@@ -322,6 +325,7 @@ class Simulator:
         self._tok_bucket: _Bucket | None = None
         self._seen: dict[bytes, int] = {}
         self._quota_used = 0
+        self.batches: BatchEndpoints | None = None  # the Files and Batches state, once started
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -329,6 +333,7 @@ class Simulator:
         """Listen on host:port (0 = a free port) and return the base URL ending in /v1."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        from batchgpt.simulator.batches import BatchEndpoints
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
@@ -338,6 +343,7 @@ class Simulator:
         app.router.add_post("/_sandbox/reset", self._post_reset)
         app.router.add_get("/_sandbox/config", self._get_config)
         app.router.add_post("/_sandbox/config", self._post_config)
+        self.batches = BatchEndpoints.attach(self, app.router)  # /v1/files, /v1/batches
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         # No access log: it would be the single biggest cost per request at 2,000 req/s.
         runner = web.AppRunner(app, access_log=None, handle_signals=False,

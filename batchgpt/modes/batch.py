@@ -1,0 +1,819 @@
+"""``mode: batch``: the job's rows through the provider's Batch API, at half price.
+
+A run never blocks on the provider. In order, it
+
+1. **reconciles**: a submission a killed run left between upload and create (or between
+   create and recording the batch) is matched against the provider's batches (by the
+   submission id in their metadata) and files (by name): a batch found is recorded; a
+   file that never became a batch is deleted and its rows are free again. Files of
+   finished submissions still at the provider are deleted.
+2. **polls** every recorded batch and **collects** the finished ones (completed, expired,
+   cancelled, failed): each output or error line is taken into the output or failures
+   file exactly as an online answer would be (same line, same index, same retry classes
+   through :func:`batchgpt.retry.decide`); a retryable error with attempts left, and
+   every row nothing answered (``batch_expired``, ``batch_cancelled``, a lost batch, a
+   ``token_limit_exceeded`` failure) is pending again.
+3. **submits** the pending rows not already at the provider: packed per model within
+   ``batch.max_lines`` / ``batch.max_bytes`` (:mod:`.batch_files`), each submission's
+   worst case counted against ``limits.max_cost_usd`` at Batch prices and its prompt
+   tokens against ``limits.batch_queue_tokens`` before it is sent, and recorded in the
+   ledger (:mod:`batchgpt.store.batches`) before upload, after upload and after create.
+
+With ``--wait`` it then polls every ``batch.poll_interval_s`` until every row is settled;
+without, it exits 5 while batches are running. Only the openai SDK's ``files`` and
+``batches`` resources talk to the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchgpt.budget import billed_model
+from batchgpt.clock import Clock, SystemClock
+from batchgpt.config import JobConfig
+from batchgpt.credentials import resolve_credentials
+from batchgpt.errors import BatchGPTError, ExitCode, StateError
+from batchgpt.logs import event
+from batchgpt.modes.batch_files import Packer, Part, request_line
+from batchgpt.modes.lines import failure_line, result_line
+from batchgpt.plan import Plan, row_check
+from batchgpt.pricing import Usage, batch_key, cost_usd, price_usage, resolve_price
+from batchgpt.redact import Redactor
+from batchgpt.report import RunStats, build_summary, render_table, write_summary
+from batchgpt.retry import Action, Failure, Kind, decide
+from batchgpt.source import InputFile, Row
+from batchgpt.store import Store, now_iso
+from batchgpt.store.batches import (
+    BatchLedger,
+    CarriedRow,
+    RowOutcome,
+    Submission,
+    SubState,
+)
+from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason
+from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
+
+if TYPE_CHECKING:
+    import openai
+
+    from batchgpt.runner import RunOptions, RunResult
+
+log = logging.getLogger("batchgpt")
+
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+META_JOB = "batchgpt_job"
+META_SUBMISSION = "batchgpt_submission"
+PART_TOKENS_META = "part_prompt_tokens"  # after token_limit_exceeded: smaller parts
+UPLOAD_TIMEOUT_S = 600.0
+UNANSWERED = ("batch_expired", "batch_cancelled")
+
+
+class Step(str, enum.Enum):
+    """The points of a submission at which a kill leaves something to reconcile."""
+
+    PREPARED = "prepared"  # rows recorded, nothing uploaded
+    UPLOADED = "uploaded"  # the file is at the provider, not recorded
+    UPLOAD_RECORDED = "upload_recorded"  # recorded, no batch yet
+    CREATED = "created"  # the batch exists, not recorded
+    SUBMIT_RECORDED = "submit_recorded"  # the batch is recorded
+
+
+# Called with each Step as a submission passes it. Tests set it (in a child process) to
+# die at a chosen step, as a kill would; nothing else does.
+STEP_HOOK: Callable[[Step], None] | None = None
+
+
+class ProviderError(BatchGPTError):
+    """A call to the provider's Files or Batches API failed (after the SDK's retries)."""
+
+
+def _step(step: Step) -> None:
+    if STEP_HOOK is not None:
+        STEP_HOOK(step)
+
+
+class BatchRun:
+    """One run of a job in batch mode (or one ``batchgpt cancel``)."""
+
+    def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
+                 source: InputFile) -> None:
+        self.job = job
+        self.options = options
+        self.store = store
+        self.plan = plan
+        self.source = source
+        self.clock: Clock = options.clock or SystemClock()
+        self.ledger = BatchLedger.open(job.state_dir)
+        self.stats = RunStats()
+        self.settled: set[str] = set()  # rows this run took a result or failure for
+        self.redact = Redactor.for_key(job.api.api_key_env)
+        self.client: openai.AsyncOpenAI | None = None
+        self.stop_reason: StopReason | None = None
+        self.stop_message: str | None = None
+        self.stop_exit: int | None = None
+        self.stopping = asyncio.Event()
+        self.hold_submissions = False  # the enqueued-token limit was hit: wait for batches
+        self.cost_this_run = 0.0
+
+    # -- the provider ---------------------------------------------------------------------
+    @property
+    def sdk(self) -> openai.AsyncOpenAI:
+        assert self.client is not None, "connect() first"
+        return self.client
+
+    async def connect(self, base_url: str | None, key: str) -> None:
+        import openai
+
+        self.redact = self.redact.with_secrets(key)
+        # The SDK's own retries (2, with backoff) are the only retry layer of these
+        # control calls: no row is re-sent by them, only a file, a create or a poll.
+        self.client = openai.AsyncOpenAI(
+            api_key=key, base_url=base_url, organization=self.job.api.organization,
+            project=self.job.api.project, timeout=self.job.timeout_s, max_retries=2)
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        """One provider call; its failure a ProviderError whose message holds no key."""
+        import openai
+
+        try:
+            return await coro
+        except openai.APIStatusError as exc:
+            raise ProviderError(self.redact.text(
+                f"the provider refused to {what} (HTTP {exc.status_code}): {exc.message}"
+            )) from None
+        except openai.APIError as exc:
+            raise ProviderError(self.redact.text(
+                f"could not {what}: {type(exc).__name__}: {exc}")) from None
+
+    async def _delete_files(self, sub: Submission) -> None:
+        """Delete a finished submission's files at the provider (a file already gone is
+        fine); what could not be deleted is tried again by the next run."""
+        import openai
+
+        left = []
+        for file_id in sub.files_left:
+            try:
+                await self.sdk.files.delete(file_id)
+            except openai.NotFoundError:
+                pass
+            except openai.APIError as exc:
+                log.warning("could not delete the provider's file %s (%s); the next run "
+                            "tries again", file_id, self.redact.text(str(exc)))
+                left.append(file_id)
+        self.ledger.set_files_left(sub.sub_id, left)
+
+    # -- 1. reconcile ---------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        unsure = [s for s in self.ledger.submissions(live_only=True)
+                  if s.state is not SubState.SUBMITTED]
+        if unsure:
+            batches = await self._batches_of_job()
+            files = await self._files_by_name()
+            for sub in unsure:
+                found = batches.get(sub.sub_id)
+                if found is not None:
+                    log.info("batch %s of submission %s was created by an interrupted run; "
+                             "recorded, not submitted again", found.id, sub.sub_id)
+                    self.ledger.set_submitted(sub.sub_id, found.id, found.input_file_id)
+                    continue
+                uploaded = set(files.get(self._filename(sub), []))
+                if sub.file_id is not None:
+                    uploaded.add(sub.file_id)
+                log.info("submission %s was interrupted before its batch was created; its "
+                         "%d rows are submitted again%s", sub.sub_id, sub.rows,
+                         f" and its uploaded file {', '.join(sorted(uploaded))} deleted"
+                         if uploaded else "")
+                self.ledger.discard(sub.sub_id, sorted(uploaded))
+        for sub in self.ledger.with_files_left():
+            await self._delete_files(sub)
+
+    async def _batches_of_job(self) -> dict[str, Any]:
+        """The provider's batches of this job, by submission id (from their metadata)."""
+        found: dict[str, Any] = {}
+        async for batch in self.sdk.batches.list(limit=100):
+            meta = batch.metadata or {}
+            if meta.get(META_JOB) == self.job.job_name and META_SUBMISSION in meta:
+                found[meta[META_SUBMISSION]] = batch
+        return found
+
+    async def _files_by_name(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        async for f in self.sdk.files.list(purpose="batch"):
+            found.setdefault(f.filename, []).append(f.id)
+        return found
+
+    def _filename(self, sub: Submission) -> str:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.job.job_name)[:64]
+        return f"batchgpt-{name}-{sub.sub_id}.jsonl"
+
+    # -- 2. poll and collect --------------------------------------------------------------
+    async def poll(self) -> None:
+        import openai
+
+        for sub in self.ledger.submissions(live_only=True):
+            if sub.state is not SubState.SUBMITTED or self.stopping.is_set():
+                continue
+            assert sub.batch_id is not None
+            try:
+                batch = await self.sdk.batches.retrieve(sub.batch_id)
+            except openai.NotFoundError:
+                log.warning("batch %s is unknown to the provider (deleted, or another "
+                            "account or sandbox); its %d rows are submitted again",
+                            sub.batch_id, sub.rows)
+                await self._collect(sub, None)
+                continue
+            except openai.APIError as exc:
+                raise ProviderError(self.redact.text(
+                    f"could not poll batch {sub.batch_id}: {exc}")) from None
+            counts = batch.request_counts
+            self.ledger.set_status(
+                sub.sub_id, batch.status,
+                {"total": counts.total, "completed": counts.completed,
+                 "failed": counts.failed} if counts is not None else {},
+                batch.expires_at, [e.model_dump() for e in (batch.errors.data or [])]
+                if batch.errors is not None else [])
+            if batch.status in TERMINAL:
+                await self._collect(sub, batch)
+
+    async def _download(self, file_id: str | None) -> bytes:
+        if file_id is None:
+            return b""
+        content = await self._call(f"download file {file_id}", self.sdk.files.content(file_id))
+        return self.redact.data(content.content)
+
+    async def _collect(self, sub: Submission, batch: Any) -> None:
+        """Take a finished batch's lines into the output and failures files."""
+        rows = {r.custom_id: r for r in self.ledger.carried(sub.sub_id)}
+        outcomes: dict[str, RowOutcome] = {}
+        status = "lost" if batch is None else batch.status
+        if batch is not None:
+            for raw in (await self._download(batch.output_file_id)
+                        + await self._download(batch.error_file_id)).splitlines():
+                await self._take_line(sub, rows, raw, outcomes)
+            if status == "failed":
+                await self._failed_validation(sub, batch, rows, outcomes)
+        self.ledger.settle_rows(sub.sub_id, outcomes)
+        missing = len(rows) - len(outcomes)
+        files = [f for f in (sub.file_id, getattr(batch, "output_file_id", None),
+                             getattr(batch, "error_file_id", None)) if f]
+        self.ledger.collected(sub.sub_id, files)
+        done = sum(o is RowOutcome.SUCCEEDED for o in outcomes.values())
+        event(log, logging.INFO, "batch_collected", "batch %s %s: %d rows succeeded, %d "
+              "failed, %d to send again", sub.batch_id, status, done,
+              sum(o is RowOutcome.FAILED for o in outcomes.values()),
+              missing + sum(o is RowOutcome.RETRY for o in outcomes.values()),
+              job=self.job.job_name, batch=sub.batch_id, status=status)
+        collected = self.ledger.get(sub.sub_id)
+        assert collected is not None
+        await self._delete_files(collected)
+
+    async def _take_line(self, sub: Submission, rows: dict[str, CarriedRow], raw: bytes,
+                         outcomes: dict[str, RowOutcome]) -> None:
+        import json
+
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(line, dict):
+            return
+        carried = rows.get(str(line.get("custom_id")))
+        if carried is None or carried.custom_id in outcomes:
+            return
+        response = line.get("response")
+        error = line.get("error")
+        if isinstance(response, dict) and response.get("status_code") == 200 and isinstance(
+                response.get("body"), dict):
+            outcomes[carried.custom_id] = await self._succeed(sub, carried, response)
+            return
+        if not isinstance(response, dict) and isinstance(error, dict) and (
+                error.get("code") in UNANSWERED):
+            return  # never executed: sent again, its attempt not counted
+        failure = _failure(response, error)
+        decision = decide(failure, carried.attempt, self.job.retry)
+        self.stats.add_error(failure.error_code, failure.message)
+        if decision.action is Action.RETRY:
+            self.stats.retries += 1
+            outcomes[carried.custom_id] = RowOutcome.RETRY
+            return
+        transient = decision.action is Action.FAIL_ROW and decision.transient
+        await self._fail(carried, failure, transient)
+        outcomes[carried.custom_id] = RowOutcome.FAILED
+
+    async def _succeed(self, sub: Submission, row: CarriedRow, response: dict[str, Any]
+                       ) -> RowOutcome:
+        if row.custom_id not in self.store.unsettled([(row.custom_id, row.request_hash)]):
+            return RowOutcome.SUCCEEDED  # taken by a run killed before recording it
+        body: dict[str, Any] = response["body"]
+        echoed = body.get("model")
+        model = batch_key(billed_model(echoed if isinstance(echoed, str) else sub.model,
+                                       sub.model, self.job.pricing))
+        usage = Usage.parse_response(body.get("usage")).usage
+        request_id = response.get("request_id")
+        line = result_line(row.custom_id, row.request_hash,
+                           request_id if isinstance(request_id, str) else None, body)
+        writer = self.store.writer
+        assert writer is not None
+        await writer.put_result(row.custom_id, row.request_hash, line, row.attempt, model,
+                                usage)
+        self.settled.add(row.custom_id)
+        self.stats.succeeded += 1
+        self.stats.add_usage(model, usage)
+        return RowOutcome.SUCCEEDED
+
+    async def _fail(self, row: CarriedRow, failure: Failure, transient: bool) -> None:
+        writer = self.store.writer
+        assert writer is not None
+        await writer.put_failure(row.custom_id, row.request_hash,
+                                 failure_line(row.custom_id, row.request_hash, failure,
+                                              row.attempt, transient),
+                                 row.attempt, failure.error_code, transient)
+        self.settled.add(row.custom_id)
+        self.stats.failed += 1
+        self.stats.failed_codes[failure.error_code] += 1
+        if transient:
+            self.stats.failed_retryable += 1
+
+    async def _failed_validation(self, sub: Submission, batch: Any,
+                                 rows: dict[str, CarriedRow],
+                                 outcomes: dict[str, RowOutcome]) -> None:
+        """A batch the provider refused whole. Its errors are reported; the enqueued-token
+        limit sends its rows again later in smaller parts; an error naming a line fails
+        that line's row (the others go again); any other error fails every row."""
+        errors = list(batch.errors.data or []) if batch.errors is not None else []
+        said = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                         for e in errors[:5]) or "no reason given"
+        log.warning("%s", self.redact.text(f"batch {sub.batch_id} failed validation at the "
+                                           f"provider: {said}"))
+        if any(e.code == "token_limit_exceeded" for e in errors):
+            tokens = max(1, sub.prompt_tokens // 2)
+            self.ledger.set_meta(PART_TOKENS_META, str(tokens))
+            self.hold_submissions = True
+            log.warning("the provider's enqueued-token limit for %s is full: its %d rows are "
+                        "submitted again in parts of at most %d prompt tokens, once running "
+                        "batches have finished", sub.model, sub.rows, tokens)
+            return
+        order = list(rows.values())
+        by_line = {e.line: e for e in errors if e.line}
+        for number, error in sorted(by_line.items()):
+            if 1 <= number <= len(order):
+                row = order[number - 1]
+                await self._fail(row, Failure(Kind.HTTP, str(error.message), 400,
+                                              str(error.code), "invalid_request_error"), False)
+                outcomes[row.custom_id] = RowOutcome.FAILED
+        if not by_line:
+            first = errors[0] if errors else None
+            code = str(first.code) if first is not None else "batch_failed"
+            for row in order:
+                await self._fail(row, Failure(Kind.HTTP, said, 400, code,
+                                              "invalid_request_error"), False)
+                outcomes[row.custom_id] = RowOutcome.FAILED
+
+    # -- 3. submit ------------------------------------------------------------------------
+    def _pending_rows(self) -> Iterator[Row]:
+        """The planned rows, re-read by offset and checked (as the online runner does)."""
+        plan = self.plan
+        rows = self.source.read_at(zip(plan.offsets, plan.lines, strict=True))
+        for check, line in zip(plan.checks, plan.lines, strict=True):
+            try:
+                row: Row | None = next(rows)
+            except Exception as exc:  # the line is gone, cut, or no longer valid
+                row, why = None, f"{type(exc).__name__}: {exc}"[:200]
+            else:
+                why = "another row is there now"
+            if row is None or row_check(row.custom_id, row.request_hash) != check:
+                self.request_stop(StopReason.INPUT_CHANGED, f"{self.source.path}:{line}: the "
+                                  f"input changed during the run ({why}); nothing more is "
+                                  "submitted. Rerun to continue with the input as it is now",
+                                  ExitCode.ERROR)
+                return
+            yield row
+
+    def _spent(self) -> float:
+        totals = self.store.totals()
+        spent, _ = price_usage(totals.spend_by_model, self.job.pricing, known_only=True)
+        return (spent or 0.0) + totals.unseen_usd
+
+    async def submit(self) -> None:
+        if self.hold_submissions and self.ledger.submissions(live_only=True):
+            return
+        self.hold_submissions = False
+        job = self.job
+        live = self.ledger.submissions(live_only=True)
+        busy = self.ledger.live_ids()
+        cap = job.limits.max_cost_usd
+        room = None if cap is None else cap - self._spent() - sum(s.worst_usd for s in live)
+        queue_cap = job.limits.batch_queue_tokens
+        queued = sum(s.prompt_tokens for s in live)
+        part_tokens = self.ledger.meta(PART_TOKENS_META)
+        packer = Packer(job.batch.max_lines, job.batch.max_bytes,
+                        None if part_tokens is None else int(part_tokens))
+        for row in self._pending_rows():
+            if self.stopping.is_set():
+                break
+            if row.custom_id in busy or row.custom_id in self.settled:
+                continue
+            line = request_line(row)
+            if not packer.fits_alone(line):
+                await self._too_big(row, len(line))
+                continue
+            model: str = row.body["model"]
+            worst = _batch_worst(row, job) or 0.0
+            prompt = row.prompt_tokens
+            if room is not None and worst > room:
+                self._budget_stop(row, worst, room, cap)
+                break
+            if queue_cap is not None and queued + prompt > queue_cap and (queued or live):
+                log.info("limits.batch_queue_tokens: %d prompt tokens are enqueued; the rest "
+                         "is submitted when batches finish", queued)
+                break
+            attempt = 1 + self.ledger.retries(row.custom_id, row.request_hash)
+            full = packer.add(model, CarriedRow(row.custom_id, row.request_hash, attempt),
+                              line, prompt, worst)
+            if room is not None:
+                room -= worst
+            queued += prompt
+            if full is not None:
+                await self._submit_part(full)
+        for part in packer.rest():
+            await self._submit_part(part)
+
+    async def _too_big(self, row: Row, size: int) -> None:
+        failure = Failure(Kind.TOO_LARGE, f"the request line is {size:,} bytes, more than "
+                          f"batch.max_bytes ({self.job.batch.max_bytes:,}): it cannot go in a "
+                          "Batch API file")
+        await self._fail(CarriedRow(row.custom_id, row.request_hash, 1), failure, False)
+
+    def _budget_stop(self, row: Row, worst: float, room: float, cap: float | None) -> None:
+        self.request_stop(
+            StopReason.BUDGET,
+            f"budget: limits.max_cost_usd ${cap:g} leaves {_usd(max(0.0, room))} for new "
+            f"submissions (what was spent, and the most the running batches may cost, "
+            f"counted); the next row ({row.custom_id}) could cost up to {_usd(worst)} at "
+            "Batch prices. Rerun with a higher cap to continue", ExitCode.BUDGET)
+
+    async def _submit_part(self, part: Part) -> None:
+        """Record, upload, create, record: see :mod:`batchgpt.store.batches`."""
+        if self.stopping.is_set() and self.stop_reason is not StopReason.BUDGET:
+            return
+        sub = self.ledger.prepare(uuid.uuid4().hex[:20], part.model, part.rows,
+                                  size=part.size, prompt_tokens=part.prompt_tokens,
+                                  worst_usd=part.worst_usd)
+        _step(Step.PREPARED)
+        name = self._filename(sub)
+        uploaded = await self._call(
+            f"upload {name}", self.sdk.files.create(
+                file=(name, part.data()), purpose="batch",
+                timeout=max(UPLOAD_TIMEOUT_S, self.job.timeout_s)))
+        _step(Step.UPLOADED)
+        self.ledger.set_uploaded(sub.sub_id, uploaded.id)
+        _step(Step.UPLOAD_RECORDED)
+        batch = await self._call(
+            f"create the batch of {name}", self.sdk.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                completion_window=self.job.batch.completion_window,
+                metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id}))
+        _step(Step.CREATED)
+        self.ledger.set_submitted(sub.sub_id, batch.id, uploaded.id)
+        _step(Step.SUBMIT_RECORDED)
+        self.stats.sent += len(part.rows)
+        event(log, logging.INFO, "batch_submitted", "submitted batch %s: %d rows of %s "
+              "(%s bytes, worst case %s at Batch prices)", batch.id, len(part.rows),
+              part.model, f"{part.size:,}", _usd(part.worst_usd), job=self.job.job_name,
+              batch=batch.id, rows=len(part.rows), model=part.model)
+
+    # -- cancel ---------------------------------------------------------------------------
+    async def cancel(self) -> int:
+        """Ask the provider to cancel every running batch of the job; returns how many."""
+        import openai
+
+        n = 0
+        for sub in self.ledger.submissions(live_only=True):
+            if sub.state is not SubState.SUBMITTED or sub.batch_id is None:
+                continue
+            try:
+                await self.sdk.batches.cancel(sub.batch_id)
+                n += 1
+            except openai.ConflictError:  # it ended meanwhile: collected below
+                pass
+            except openai.NotFoundError:
+                pass
+            except openai.APIError as exc:
+                raise ProviderError(self.redact.text(
+                    f"could not cancel batch {sub.batch_id}: {exc}")) from None
+        return n
+
+    # -- stopping, progress ---------------------------------------------------------------
+    def request_stop(self, reason: StopReason, message: str, exit_code: int) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_message, self.stop_exit = reason, message, exit_code
+            event(log, logging.WARNING, "stopping", "stopping: %s", message,
+                  job=self.job.job_name, reason=reason.value, exit_code=int(exit_code))
+        if reason is not StopReason.BUDGET:
+            self.stopping.set()
+
+    def on_signal(self, signum: int) -> None:
+        code = ExitCode.SIGINT if signum == signal.SIGINT else ExitCode.SIGTERM
+        self.request_stop(StopReason.SIGNAL, f"{signal.Signals(signum).name} received: "
+                          "stopped waiting; the batches keep running at the provider and the "
+                          "next run collects them", code)
+
+    def running(self) -> tuple[int, int]:
+        """(rows, batches) at the provider."""
+        live = self.ledger.submissions(live_only=True)
+        return sum(s.rows for s in live), len(live)
+
+    def figures(self, started: float) -> dict[str, Any]:
+        rows, _ = self.running()
+        return {"done": self.stats.succeeded, "failed": self.stats.failed,
+                "total": max(self.plan.to_send, self.stats.succeeded + self.stats.failed),
+                "in_flight": rows, "rpm": 0.0, "tpm": 0.0,
+                "cost_usd": price_usage(self.stats.usage_by_model, self.job.pricing)[0],
+                "limit_rpm": None, "limit_tpm": None,
+                "elapsed_s": self.clock.monotonic() - started, "eta_s": None}
+
+    def log_progress(self) -> None:
+        rows, batches = self.running()
+        event(log, logging.INFO, "batch_progress", "batches: %d rows in %d batches running "
+              "at the provider; this run: %d succeeded, %d failed", rows, batches,
+              self.stats.succeeded, self.stats.failed, job=self.job.job_name,
+              running_rows=rows, running_batches=batches, done=self.stats.succeeded,
+              failed=self.stats.failed)
+
+    async def wait(self, started: float) -> None:
+        """``--wait``: poll every ``batch.poll_interval_s`` until nothing runs."""
+        while self.ledger.submissions(live_only=True) and not self.stopping.is_set():
+            if self.options.progress is not None:
+                self.options.progress(self.figures(started))
+            else:
+                self.log_progress()
+            sleep = asyncio.ensure_future(self.clock.sleep(self.job.batch.poll_interval_s))
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({sleep, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (sleep, stop):
+                task.cancel()
+            if self.stopping.is_set():
+                break
+            await self.poll()
+            if self.stop_reason is None:
+                await self.submit()
+
+
+async def run_batch(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
+                    source: InputFile, spent_before: float) -> RunResult:
+    """A run of a ``mode: batch`` job on an open store and its plan (see the module)."""
+    return await _drive(job, options, store, plan, source, cancel=False)
+
+
+async def cancel_job(job: JobConfig, options: RunOptions) -> RunResult:
+    """``batchgpt cancel JOB``: cancel the job's running batches and collect what they
+    finished (batches still cancelling are collected by the next run)."""
+    from batchgpt.plan import make_plan
+
+    store = Store(job)
+    store.open()
+    try:
+        source = InputFile(job)
+        plan = make_plan(job, source, store, retry_failed=False, limit=None)
+        return await _drive(job, options, store, plan, source, cancel=True)
+    finally:
+        store.close()
+
+
+async def _drive(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
+                 source: InputFile, *, cancel: bool) -> RunResult:
+    run = BatchRun(job, options, store, plan, source)
+    try:
+        if options.fresh:
+            if run.ledger.submissions(live_only=True):
+                raise StateError(f"--fresh: {job.job_name} has batches running at the "
+                                 f"provider; run `batchgpt cancel {job.source or job.job_name}` "
+                                 "first (it collects what they finished)")
+            for src, dst in store.set_aside_previous():
+                log.info("--fresh: moved %s to %s", src, dst)
+            run.ledger.forget_all()
+        return await _execute(run, cancel)
+    finally:
+        run.ledger.close()
+
+
+async def _execute(run: BatchRun, cancel: bool) -> RunResult:
+    job, options, store, plan = run.job, run.options, run.store, run.plan
+    started_at = now_iso()
+    t0 = run.clock.monotonic()
+    store.start_run()
+    has_work = bool(plan.to_send or run.ledger.submissions(live_only=True)
+                    or run.ledger.with_files_left())
+    credentials = (resolve_credentials(job.api, None)
+                   if has_work and not options.sandbox else None)
+    event(log, logging.INFO, "plan", "%s: %d rows: %d done before, %d to send in batches "
+          "(%d new, %d retried, %d changed since their result)", job.job_name, plan.rows,
+          plan.done, plan.to_send, plan.new, plan.retrying, plan.changed, job=job.job_name,
+          rows=plan.rows, done=plan.done, to_send=plan.to_send, new=plan.new,
+          retried=plan.retrying, changed=plan.changed, changed_kept=plan.changed_kept,
+          failed_kept=plan.failed_kept, deferred=plan.deferred)
+    sim = None
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    try:
+        if has_work:
+            if options.sandbox:
+                from batchgpt.simulator import Simulator, SimulatorConfig
+
+                sim = Simulator(options.sandbox_config or SimulatorConfig())
+                url = await sim.start()
+                event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no "
+                      "API key used; its batches live as long as this run: use --wait)", url,
+                      job=job.job_name, url=url)
+                credentials = resolve_credentials(job.api, url)
+            assert credentials is not None
+            await run.connect(*credentials)
+            if options.handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.add_signal_handler(sig, run.on_signal, sig)
+                        installed.append(sig)
+            if options.expose_signal_handler is not None:
+                options.expose_signal_handler(run.on_signal)
+            store.start_writer()
+            try:
+                await run.reconcile()
+                if cancel:
+                    n = await run.cancel()
+                    log.info("cancel: asked the provider to cancel %d batches", n)
+                await run.poll()
+                if not cancel and run.stop_reason is None:
+                    await run.submit()
+                    if options.wait:
+                        await run.wait(t0)
+            except ProviderError as exc:
+                run.request_stop(StopReason.PROVIDER, str(exc), ExitCode.ERROR)
+            except BatchGPTError as exc:  # a result could not be written
+                run.request_stop(StopReason.STORAGE, str(exc), ExitCode.ERROR)
+        else:
+            log.info("nothing to send: every row is already accounted for")
+    finally:
+        await store.stop_writer()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if run.client is not None:
+            await run.client.close()
+        if sim is not None:
+            await sim.stop()
+    store.finalize()
+    return await _report(run, started_at, run.clock.monotonic() - t0)
+
+
+async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
+    from batchgpt.plan import not_in_input
+    from batchgpt.runner import RunResult, _outcome_line
+    from batchgpt.store.batches import rows_by_mode
+
+    job, store, plan, stats = run.job, run.store, run.plan, run.stats
+    totals = store.totals()
+    succeeded = plan.done + stats.succeeded
+    failed = plan.failed_kept + plan.failed_deferred + stats.failed
+    replaced = store.writer.replaced if store.writer is not None else 0
+    requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
+                        pending=plan.rows - succeeded - failed,
+                        not_in_input=not_in_input(totals.results, plan.with_result
+                                                  + stats.succeeded - replaced))
+    rows, batches = run.running()
+    message = run.stop_message
+    if run.stop_reason is not None and run.stop_reason is not StopReason.BUDGET:
+        outcome = (Outcome.INTERRUPTED if run.stop_reason is StopReason.SIGNAL
+                   else Outcome.STOPPED)
+        exit_code = run.stop_exit or ExitCode.ERROR
+    elif batches:
+        outcome, exit_code = Outcome.BATCH_PENDING, ExitCode.BATCH_PENDING
+        message = (f"{rows:,} rows in {batches:,} batches are still running at the provider; "
+                   "run again later, or use --wait" + (f" ({message})" if message else ""))
+    elif run.stop_reason is StopReason.BUDGET:
+        outcome, exit_code = Outcome.STOPPED, ExitCode.BUDGET
+    elif requests.pending:
+        outcome, exit_code = Outcome.STOPPED, ExitCode.ERROR
+        run.stop_reason = StopReason.INCOMPLETE
+        message = f"{requests.pending} rows were not resolved; rerun to submit them"
+    elif stats.failed_retryable:
+        outcome, exit_code = Outcome.RETRYABLE_ROWS, ExitCode.ROWS_RETRYABLE
+    elif failed:
+        outcome, exit_code = Outcome.FAILED_ROWS, ExitCode.ROWS_FAILED
+    else:
+        outcome, exit_code = Outcome.COMPLETED, ExitCode.OK
+    rec = store.recovery
+    summary = build_summary(
+        job_name=job.job_name, outcome=outcome,
+        stopped=run.stop_reason if outcome is not Outcome.BATCH_PENDING else None,
+        message=message, started_at=started_at, finished_at=now_iso(), wall_time_s=wall,
+        requests=requests, failed_by_code=plan.failed_codes + stats.failed_codes,
+        totals=totals, stats=stats, pricing=job.pricing, output=Path(job.output),
+        failures=job.failures_path,
+        plan=PlanCounts(to_send=plan.to_send, new=plan.new, retried=plan.retrying,
+                        changed=plan.changed, changed_kept=plan.changed_kept,
+                        already_done=plan.done, failed_kept=plan.failed_kept,
+                        deferred=plan.deferred),
+        recovered=Recovery(taken_over=rec.taken_over, lost=rec.lost,
+                           set_aside=[str(p) for p in rec.set_aside]),
+    )
+    summary.rows_by_mode = rows_by_mode(store.index)
+    summary.batches_running = batches
+    try:
+        await write_summary(job.summary_path, summary)
+        store.finish_run(outcome.value, summary.model_dump_json())
+    except (OSError, BatchGPTError) as exc:
+        log.warning("cannot write %s: %s", job.summary_path, getattr(exc, "strerror", exc))
+    if outcome is Outcome.BATCH_PENDING:
+        line = f"{message}; output in {job.output}"
+    elif outcome is Outcome.COMPLETED and not plan.to_send:
+        line = f"nothing to do: all {succeeded} rows already succeeded"
+    else:
+        line = _outcome_line(summary)
+    return RunResult(outcome, exit_code, summary, plan, message=line,
+                     table=render_table(summary), output=Path(job.output),
+                     failures_file=job.failures_path)
+
+
+def _failure(response: object, error: object) -> Failure:
+    """An error line of the provider's error file as the Failure an online attempt with
+    the same answer would be."""
+    if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+        body = response.get("body")
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else {}
+        request_id = response.get("request_id")
+        return Failure(Kind.HTTP, str(err.get("message") or f"HTTP {response['status_code']}"),
+                       response["status_code"], _str(err.get("code")), _str(err.get("type")),
+                       body=body, request_id=request_id if isinstance(request_id, str)
+                       else None, param=_str(err.get("param")))
+    err = error if isinstance(error, dict) else {}
+    return Failure(Kind.DECODE, str(err.get("message") or "the provider gave no answer for "
+                                    "this row"), None, _str(err.get("code")) or
+                   "invalid_response")
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _batch_worst(row: Row, job: JobConfig) -> float | None:
+    """The most a row may cost at Batch prices (as the online worst case, at half)."""
+    out = row.max_output_tokens
+    out = DEFAULT_OUTPUT_RESERVE if out is None else out
+    prompt = row.prompt_tokens
+    return cost_usd(Usage(prompt_tokens=prompt, completion_tokens=out,
+                          total_tokens=prompt + out),
+                    resolve_price(row.body["model"], job.pricing), batch=True)
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.4f}" if abs(value) >= 0.01 or value == 0 else f"${value:.6f}"
+
+
+def batch_rows(job: JobConfig) -> list[dict[str, Any]]:
+    """``status``: the job's batches as its ledger last saw them (no network)."""
+    ledger = BatchLedger.open_readonly(job.state_dir)
+    if ledger is None:
+        return []
+    try:
+        now = time.time()
+        return [{"batch": s.batch_id, "submission": s.sub_id, "state": s.state.value,
+                 "provider_status": s.provider_status, "model": s.model, "rows": s.rows,
+                 "counts": s.counts, "age_s": round(now - s.created_at, 1),
+                 "expires_at": s.expires_at} for s in ledger.submissions()]
+    finally:
+        ledger.close()
+
+
+def render_batches(batches: list[dict[str, Any]]) -> list[str]:
+    """``status``'s lines for the job's batches, newest last."""
+    lines = ["  batches"]
+    for b in batches:
+        counts = b["counts"]
+        done = (f"{counts.get('completed', 0):,} done, {counts.get('failed', 0):,} failed"
+                if counts else "-")
+        expires = ("expires " + time.strftime("%Y-%m-%d %H:%M UTC",
+                                              time.gmtime(b["expires_at"]))
+                   if b["expires_at"] else "")
+        lines.append(f"    {b['batch'] or b['submission']}  {b['state']}"
+                     + (f" ({b['provider_status']})" if b["provider_status"] else "")
+                     + f"  {b['rows']:,} rows  {done}  age {_age(b['age_s'])}"
+                     + (f"  {expires}" if expires and b["state"] == "submitted" else ""))
+    return lines
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
