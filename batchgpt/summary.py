@@ -46,6 +46,7 @@ class StopReason(str, enum.Enum):
     INTERNAL_ERROR = "internal error"
     INCOMPLETE = "incomplete"  # rows left unresolved without another reason (a bug guard)
     PROVIDER = "provider"  # mode: batch: the provider's Files or Batches API failed
+    CANCELLED = "cancelled"  # mode: batch: `batchgpt cancel` cancelled the running batches
 
 
 class _Model(BaseModel):

@@ -46,10 +46,10 @@ from batchgpt.errors import BatchGPTError, ExitCode, StateError
 from batchgpt.logs import event
 from batchgpt.modes.batch_files import Packer, Part, request_line
 from batchgpt.modes.lines import failure_line, result_line
-from batchgpt.plan import Plan, row_check
+from batchgpt.plan import Plan, planned_rows
 from batchgpt.pricing import Usage, batch_key, cost_usd, price_usage, resolve_price
 from batchgpt.redact import Redactor
-from batchgpt.report import RunStats, build_summary, render_table, write_summary
+from batchgpt.report import RunStats, render_table
 from batchgpt.retry import Action, Failure, Kind, decide
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, now_iso
@@ -60,7 +60,7 @@ from batchgpt.store.batches import (
     Submission,
     SubState,
 )
-from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason
+from batchgpt.summary import Outcome, StopReason
 from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class BatchRun:
         self.stop_exit: int | None = None
         self.stopping = asyncio.Event()
         self.hold_submissions = False  # the enqueued-token limit was hit: wait for batches
-        self.cost_this_run = 0.0
+        self.cancelled = False  # `batchgpt cancel`
 
     # -- the provider ---------------------------------------------------------------------
     @property
@@ -381,23 +381,13 @@ class BatchRun:
 
     # -- 3. submit ------------------------------------------------------------------------
     def _pending_rows(self) -> Iterator[Row]:
-        """The planned rows, re-read by offset and checked (as the online runner does)."""
-        plan = self.plan
-        rows = self.source.read_at(zip(plan.offsets, plan.lines, strict=True))
-        for check, line in zip(plan.checks, plan.lines, strict=True):
-            try:
-                row: Row | None = next(rows)
-            except Exception as exc:  # the line is gone, cut, or no longer valid
-                row, why = None, f"{type(exc).__name__}: {exc}"[:200]
-            else:
-                why = "another row is there now"
-            if row is None or row_check(row.custom_id, row.request_hash) != check:
-                self.request_stop(StopReason.INPUT_CHANGED, f"{self.source.path}:{line}: the "
-                                  f"input changed during the run ({why}); nothing more is "
-                                  "submitted. Rerun to continue with the input as it is now",
-                                  ExitCode.ERROR)
-                return
-            yield row
+        """The planned rows, re-read by offset and checked (:func:`planned_rows`)."""
+        return planned_rows(self.plan, self.source, self._input_changed)
+
+    def _input_changed(self, line: int, why: str) -> None:
+        self.request_stop(StopReason.INPUT_CHANGED, f"{self.source.path}:{line}: the input "
+                          f"changed during the run ({why}); nothing more is submitted. Rerun "
+                          "to continue with the input as it is now", ExitCode.ERROR)
 
     def _spent(self) -> float:
         totals = self.store.totals()
@@ -649,6 +639,7 @@ async def _execute(run: BatchRun, cancel: bool) -> RunResult:
             try:
                 await run.reconcile()
                 if cancel:
+                    run.cancelled = True
                     n = await run.cancel()
                     log.info("cancel: asked the provider to cancel %d batches", n)
                 await run.poll()
@@ -675,19 +666,12 @@ async def _execute(run: BatchRun, cancel: bool) -> RunResult:
 
 
 async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
-    from batchgpt.plan import not_in_input
-    from batchgpt.runner import RunResult, _outcome_line
-    from batchgpt.store.batches import rows_by_mode
+    from batchgpt.runner import RunResult, _outcome_line, job_requests, job_summary, save_summary
 
     job, store, plan, stats = run.job, run.store, run.plan, run.stats
     totals = store.totals()
-    succeeded = plan.done + stats.succeeded
-    failed = plan.failed_kept + plan.failed_deferred + stats.failed
-    replaced = store.writer.replaced if store.writer is not None else 0
-    requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
-                        pending=plan.rows - succeeded - failed,
-                        not_in_input=not_in_input(totals.results, plan.with_result
-                                                  + stats.succeeded - replaced))
+    requests = job_requests(store, plan, stats, totals)
+    succeeded, failed = requests.succeeded, requests.failed
     rows, batches = run.running()
     message = run.stop_message
     if run.stop_reason is not None and run.stop_reason is not StopReason.BUDGET:
@@ -700,6 +684,11 @@ async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
                    "run again later, or use --wait" + (f" ({message})" if message else ""))
     elif run.stop_reason is StopReason.BUDGET:
         outcome, exit_code = Outcome.STOPPED, ExitCode.BUDGET
+    elif run.cancelled and requests.pending:
+        outcome, exit_code = Outcome.STOPPED, ExitCode.OK
+        run.stop_reason = StopReason.CANCELLED
+        message = (f"cancelled: the batches' finished rows are collected; {requests.pending:,} "
+                   "rows are pending (the next run submits them)")
     elif requests.pending:
         outcome, exit_code = Outcome.STOPPED, ExitCode.ERROR
         run.stop_reason = StopReason.INCOMPLETE
@@ -710,29 +699,13 @@ async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
         outcome, exit_code = Outcome.FAILED_ROWS, ExitCode.ROWS_FAILED
     else:
         outcome, exit_code = Outcome.COMPLETED, ExitCode.OK
-    rec = store.recovery
-    summary = build_summary(
-        job_name=job.job_name, outcome=outcome,
+    summary = job_summary(
+        job, store, plan, stats, totals, requests, outcome=outcome,
         stopped=run.stop_reason if outcome is not Outcome.BATCH_PENDING else None,
-        message=message, started_at=started_at, finished_at=now_iso(), wall_time_s=wall,
-        requests=requests, failed_by_code=plan.failed_codes + stats.failed_codes,
-        totals=totals, stats=stats, pricing=job.pricing, output=Path(job.output),
-        failures=job.failures_path,
-        plan=PlanCounts(to_send=plan.to_send, new=plan.new, retried=plan.retrying,
-                        changed=plan.changed, changed_kept=plan.changed_kept,
-                        already_done=plan.done, failed_kept=plan.failed_kept,
-                        deferred=plan.deferred),
-        recovered=Recovery(taken_over=rec.taken_over, lost=rec.lost,
-                           set_aside=[str(p) for p in rec.set_aside]),
-    )
-    summary.rows_by_mode = rows_by_mode(store.index)
+        message=message, started_at=started_at, wall=wall)
     summary.batches_running = batches
-    try:
-        await write_summary(job.summary_path, summary)
-        store.finish_run(outcome.value, summary.model_dump_json())
-    except (OSError, BatchGPTError) as exc:
-        log.warning("cannot write %s: %s", job.summary_path, getattr(exc, "strerror", exc))
-    if outcome is Outcome.BATCH_PENDING:
+    await save_summary(job, store, summary)
+    if outcome is Outcome.BATCH_PENDING or run.stop_reason is StopReason.CANCELLED:
         line = f"{message}; output in {job.output}"
     elif outcome is Outcome.COMPLETED and not plan.to_send:
         line = f"nothing to do: all {succeeded} rows already succeeded"

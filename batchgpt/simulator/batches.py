@@ -259,7 +259,8 @@ class BatchEndpoints:
                             f"org-sandbox. Limit: {limit:,} enqueued tokens. Please try "
                             "again once some in_progress batches have been completed."}]
 
-    async def _get_batch(self, request: web.Request) -> web.Response:
+    def _batch(self, request: web.Request) -> _Batch | web.Response:
+        """The batch the path names, brought up to date, or the error to answer."""
         refused = self._auth(request)
         if refused is not None:
             return refused
@@ -267,7 +268,11 @@ class BatchEndpoints:
         if b is None:
             return _no_such("Batch", request)
         self._step(b)
-        return web.json_response(b.as_json())
+        return b
+
+    async def _get_batch(self, request: web.Request) -> web.Response:
+        b = self._batch(request)
+        return b if isinstance(b, web.Response) else web.json_response(b.as_json())
 
     async def _list_batches(self, request: web.Request) -> web.Response:
         refused = self._auth(request)
@@ -280,13 +285,9 @@ class BatchEndpoints:
         return _page(request, [b.as_json() for b in items], default_limit=20)
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        refused = self._auth(request)
-        if refused is not None:
-            return refused
-        b = self.batches.get(request.match_info["id"])
-        if b is None:
-            return _no_such("Batch", request)
-        self._step(b)
+        b = self._batch(request)
+        if isinstance(b, web.Response):
+            return b
         if b.status in TERMINAL:
             return _error(409, f"Cannot cancel a batch with status '{b.status}'.",
                           "invalid_request_error", None)
