@@ -803,13 +803,7 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
                                     max_connections=run.cap, organization=job.api.organization,
                                     project=job.api.project, redact=run.redact)
-            if options.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.add_signal_handler(sig, run.on_signal, sig)
-                        installed.append(sig)
-            if options.expose_signal_handler is not None:
-                options.expose_signal_handler(run.on_signal)
+            installed = take_signals(loop, options, run.on_signal)
             store.start_writer()
             housekeeping = asyncio.create_task(run.housekeeping(plan.to_send, t0))
             dispatch = asyncio.create_task(run.dispatch())
@@ -869,6 +863,22 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
     return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
                      table=render_table(summary), output=Path(job.output),
                      failures_file=job.failures_path)
+
+
+def take_signals(loop: asyncio.AbstractEventLoop, options: RunOptions,
+                 handler: Callable[[int], None]) -> list[signal.Signals]:
+    """Route SIGINT and SIGTERM to ``handler`` while a run sends (with
+    ``handle_signals``), and give it to ``expose_signal_handler``; returns the signals to
+    hand back to the loop at the end."""
+    installed: list[signal.Signals] = []
+    if options.handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler, sig)
+                installed.append(sig)
+    if options.expose_signal_handler is not None:
+        options.expose_signal_handler(handler)
+    return installed
 
 
 def job_requests(store: Store, plan: Plan, stats: RunStats, totals: Totals) -> Requests:

@@ -295,7 +295,7 @@ def test_a_provider_refusal_stops_the_run_with_its_message_and_a_rerun_submits_o
     path = batch_job(job, 3)
     refused = cli("run", path)
     assert refused.exit_code == ExitCode.ERROR, refused.output
-    assert "the provider refused to upload" in refused.output
+    assert "the provider refused to answer the Batch API" in refused.output
     assert "HTTP 401" in refused.output and "sk-test-key" not in refused.output
     assert job.summary()["stopped"] == "provider"
     sim.config.faults.api_key = None
@@ -316,3 +316,62 @@ def test_metrics_count_rows_by_mode(job: JobFiles, sim: Simulator, cli: Any,
     text = metrics.read_text()
     assert 'batchgpt_rows_by_mode{job="job",mode="batch"} 2.0' in text
     assert 'batchgpt_rows_by_mode{job="job",mode="online"} 0.0' in text
+
+
+def test_batches_running_when_the_state_folder_is_lost_are_adopted_not_resubmitted(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    import shutil
+
+    bx = endpoints(sim)
+    bx.config.delay_s = 3600
+    path = batch_job(job, 4)
+    assert cli("run", path).exit_code == 5
+    shutil.rmtree(job.output.with_name("job.state"))
+    bx.advance(3600)
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert "adopted, so its rows are collected, not submitted again" in result.output
+    assert len(job.results()) == 4
+    assert_no_row_submitted_twice(sim)
+    assert bx.files == {}
+
+
+def test_wait_stops_on_a_signal_and_leaves_the_batches_running(job: JobFiles,
+                                                                sim: Simulator) -> None:
+    import asyncio
+    import signal
+
+    from batchgpt.runner import RunOptions, run_job
+
+    endpoints(sim).config.delay_s = 3600
+    handlers: list[Any] = []
+    frames: list[dict[str, Any]] = []
+
+    def progress(figures: dict[str, Any]) -> None:
+        frames.append(figures)
+        handlers[0](signal.SIGTERM)  # as a SIGTERM while --wait polls
+
+    options = RunOptions(wait=True, progress=progress, expose_signal_handler=handlers.append)
+    result = asyncio.run(run_job(JobConfig.load(batch_job(job, 3)), options))
+    assert result.exit_code == ExitCode.SIGTERM
+    assert frames[0]["in_flight"] == 3  # rows at the provider
+    assert result.report is not None and result.report.batches_running == 1
+    assert sum(endpoints(sim).carried.values()) == 3
+
+
+def test_fresh_is_refused_while_batches_run(job: JobFiles, sim: Simulator, cli: Any) -> None:
+    endpoints(sim).config.delay_s = 3600
+    path = batch_job(job, 2)
+    assert cli("run", path).exit_code == 5
+    refused = cli("run", path, "--fresh", "--yes")
+    assert refused.exit_code == ExitCode.ERROR
+    assert "batchgpt cancel" in refused.output
+    assert Path(job.output).exists() is False or job.results() == []
+
+
+def test_dry_run_estimates_at_batch_prices(job: JobFiles, sim: Simulator, cli: Any) -> None:
+    online = json.loads(cli("run", job.write(articles(5)), "--dry-run", "--json").output)
+    batch = json.loads(cli("run", batch_job(job, 5), "--dry-run", "--json").output)
+    assert batch["mode"] == "batch" and online["mode"] == "online"
+    assert batch["cost_usd"]["max"] == pytest.approx(online["cost_usd"]["max"] / 2)
+    assert batch["cost_usd"]["min"] == pytest.approx(online["cost_usd"]["min"] / 2)

@@ -27,14 +27,13 @@ without, it exits 5 while batches are running. Only the openai SDK's ``files`` a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import re
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +60,7 @@ from batchgpt.store.batches import (
     SubState,
 )
 from batchgpt.summary import Outcome, StopReason
-from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE
+from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE, output_cap, prompt_tokens
 
 if TYPE_CHECKING:
     import openai
@@ -113,6 +112,9 @@ class BatchRun:
         self.plan = plan
         self.source = source
         self.clock: Clock = options.clock or SystemClock()
+        # A new ledger (the job's first batch run, or its state folder lost): the
+        # provider may hold batches of this job it does not know; reconcile adopts them.
+        self.ledger_new = not BatchLedger.exists(job.state_dir)
         self.ledger = BatchLedger.open(job.state_dir)
         self.stats = RunStats()
         self.settled: set[str] = set()  # rows this run took a result or failure for
@@ -147,13 +149,17 @@ class BatchRun:
 
         try:
             return await coro
-        except openai.APIStatusError as exc:
-            raise ProviderError(self.redact.text(
-                f"the provider refused to {what} (HTTP {exc.status_code}): {exc.message}"
-            )) from None
         except openai.APIError as exc:
-            raise ProviderError(self.redact.text(
-                f"could not {what}: {type(exc).__name__}: {exc}")) from None
+            raise ProviderError(self.provider_message(what, exc)) from None
+
+    def provider_message(self, what: str, exc: Exception) -> str:
+        import openai
+
+        if isinstance(exc, openai.APIStatusError):
+            said = f"the provider refused to {what} (HTTP {exc.status_code}): {exc.message}"
+        else:
+            said = f"could not {what}: {type(exc).__name__}: {exc}"
+        return self.redact.text(said)
 
     async def _delete_files(self, sub: Submission) -> None:
         """Delete a finished submission's files at the provider (a file already gone is
@@ -176,6 +182,9 @@ class BatchRun:
     async def reconcile(self) -> None:
         unsure = [s for s in self.ledger.submissions(live_only=True)
                   if s.state is not SubState.SUBMITTED]
+        if self.ledger_new:
+            for sub_id, batch in (await self._batches_of_job()).items():
+                await self._adopt(sub_id, batch)
         if unsure:
             batches = await self._batches_of_job()
             files = await self._files_by_name()
@@ -196,6 +205,45 @@ class BatchRun:
                 self.ledger.discard(sub.sub_id, sorted(uploaded))
         for sub in self.ledger.with_files_left():
             await self._delete_files(sub)
+
+    async def _adopt(self, sub_id: str, batch: Any) -> None:
+        """Record a batch of this job that the ledger does not know (its state folder
+        was lost): its rows are read back from its input file, so it is collected, not
+        submitted again. A batch whose input file is gone was collected before (a
+        collection deletes it last)."""
+        import openai
+
+        from batchgpt.source import request_hash
+
+        if self.ledger.get(sub_id) is not None:
+            return
+        rows: list[CarriedRow] = []
+        model, prompt, worst = "", 0, 0.0
+        try:
+            async for raw in self._lines(batch.input_file_id):
+                line = _json(raw)
+                body = line.get("body") if line is not None else None
+                if line is None or not isinstance(body, dict) or not isinstance(
+                        line.get("custom_id"), str):
+                    continue
+                rows.append(CarriedRow(line["custom_id"], request_hash(body), 1))
+                model = str(body.get("model"))
+                tokens = prompt_tokens(body.get("messages"))
+                prompt += tokens
+                worst += _worst(model, tokens, output_cap(body), self.job) or 0.0
+        except ProviderError as exc:
+            if not isinstance(exc.__cause__, openai.NotFoundError):
+                log.info("batch %s of this job: its input file cannot be read (%s); "
+                         "left alone", batch.id, exc)
+            return
+        if not rows:
+            return
+        log.warning("batch %s of this job (%s, %d rows) is not in the job's state (the "
+                    "state folder was lost?): adopted, so its rows are collected, not "
+                    "submitted again", batch.id, batch.status, len(rows))
+        self.ledger.prepare(sub_id, model, rows, size=0, prompt_tokens=prompt,
+                            worst_usd=worst)
+        self.ledger.set_submitted(sub_id, batch.id, batch.input_file_id)
 
     async def _batches_of_job(self) -> dict[str, Any]:
         """The provider's batches of this job, by submission id (from their metadata)."""
@@ -233,8 +281,8 @@ class BatchRun:
                 await self._collect(sub, None)
                 continue
             except openai.APIError as exc:
-                raise ProviderError(self.redact.text(
-                    f"could not poll batch {sub.batch_id}: {exc}")) from None
+                raise ProviderError(self.provider_message(
+                    f"report on batch {sub.batch_id}", exc)) from None
             counts = batch.request_counts
             self.ledger.set_status(
                 sub.sub_id, batch.status,
@@ -245,11 +293,24 @@ class BatchRun:
             if batch.status in TERMINAL:
                 await self._collect(sub, batch)
 
-    async def _download(self, file_id: str | None) -> bytes:
+    async def _lines(self, file_id: str | None) -> AsyncIterator[bytes]:
+        """A provider file's lines, streamed (an output file may be hundreds of MB), each
+        cleaned of the key."""
+        import openai
+
         if file_id is None:
-            return b""
-        content = await self._call(f"download file {file_id}", self.sdk.files.content(file_id))
-        return self.redact.data(content.content)
+            return
+        try:
+            async with self.sdk.files.with_streaming_response.content(file_id) as response:
+                rest = b""
+                async for chunk in response.iter_bytes():
+                    *lines, rest = (rest + chunk).split(b"\n")
+                    for line in lines:
+                        yield self.redact.data(line)
+                if rest.strip():
+                    yield self.redact.data(rest)
+        except openai.APIError as exc:
+            raise ProviderError(self.provider_message(f"send file {file_id}", exc)) from exc
 
     async def _collect(self, sub: Submission, batch: Any) -> None:
         """Take a finished batch's lines into the output and failures files."""
@@ -257,9 +318,9 @@ class BatchRun:
         outcomes: dict[str, RowOutcome] = {}
         status = "lost" if batch is None else batch.status
         if batch is not None:
-            for raw in (await self._download(batch.output_file_id)
-                        + await self._download(batch.error_file_id)).splitlines():
-                await self._take_line(sub, rows, raw, outcomes)
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                async for raw in self._lines(file_id):
+                    await self._take_line(sub, rows, raw, outcomes)
             if status == "failed":
                 await self._failed_validation(sub, batch, rows, outcomes)
         self.ledger.settle_rows(sub.sub_id, outcomes)
@@ -279,13 +340,8 @@ class BatchRun:
 
     async def _take_line(self, sub: Submission, rows: dict[str, CarriedRow], raw: bytes,
                          outcomes: dict[str, RowOutcome]) -> None:
-        import json
-
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(line, dict):
+        line = _json(raw)
+        if line is None:
             return
         carried = rows.get(str(line.get("custom_id")))
         if carried is None or carried.custom_id in outcomes:
@@ -403,11 +459,20 @@ class BatchRun:
         busy = self.ledger.live_ids()
         cap = job.limits.max_cost_usd
         room = None if cap is None else cap - self._spent() - sum(s.worst_usd for s in live)
-        queue_cap = job.limits.batch_queue_tokens
         queued = sum(s.prompt_tokens for s in live)
         part_tokens = self.ledger.meta(PART_TOKENS_META)
-        packer = Packer(job.batch.max_lines, job.batch.max_bytes,
+        packer = Packer(job.state_dir, job.batch.max_lines, job.batch.max_bytes,
                         None if part_tokens is None else int(part_tokens))
+        try:
+            await self._pack_and_submit(packer, busy, room, queued, bool(live))
+        finally:
+            packer.discard()
+
+    async def _pack_and_submit(self, packer: Packer, busy: set[str], room: float | None,
+                               queued: int, live: bool) -> None:
+        job = self.job
+        cap = job.limits.max_cost_usd
+        queue_cap = job.limits.batch_queue_tokens
         for row in self._pending_rows():
             if self.stopping.is_set():
                 break
@@ -418,8 +483,8 @@ class BatchRun:
                 await self._too_big(row, len(line))
                 continue
             model: str = row.body["model"]
-            worst = _batch_worst(row, job) or 0.0
             prompt = row.prompt_tokens
+            worst = _worst(model, prompt, row.max_output_tokens, job) or 0.0
             if room is not None and worst > room:
                 self._budget_stop(row, worst, room, cap)
                 break
@@ -453,6 +518,12 @@ class BatchRun:
             "Batch prices. Rerun with a higher cap to continue", ExitCode.BUDGET)
 
     async def _submit_part(self, part: Part) -> None:
+        try:
+            await self._submit(part)
+        finally:
+            part.close()
+
+    async def _submit(self, part: Part) -> None:
         """Record, upload, create, record: see :mod:`batchgpt.store.batches`."""
         if self.stopping.is_set() and self.stop_reason is not StopReason.BUDGET:
             return
@@ -463,7 +534,7 @@ class BatchRun:
         name = self._filename(sub)
         uploaded = await self._call(
             f"upload {name}", self.sdk.files.create(
-                file=(name, part.data()), purpose="batch",
+                file=(name, part.file()), purpose="batch",
                 timeout=max(UPLOAD_TIMEOUT_S, self.job.timeout_s)))
         _step(Step.UPLOADED)
         self.ledger.set_uploaded(sub.sub_id, uploaded.id)
@@ -499,8 +570,8 @@ class BatchRun:
             except openai.NotFoundError:
                 pass
             except openai.APIError as exc:
-                raise ProviderError(self.redact.text(
-                    f"could not cancel batch {sub.batch_id}: {exc}")) from None
+                raise ProviderError(self.provider_message(
+                    f"cancel batch {sub.batch_id}", exc)) from None
         return n
 
     # -- stopping, progress ---------------------------------------------------------------
@@ -598,6 +669,10 @@ async def _drive(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
 
 
 async def _execute(run: BatchRun, cancel: bool) -> RunResult:
+    import openai
+
+    from batchgpt.runner import take_signals
+
     job, options, store, plan = run.job, run.options, run.store, run.plan
     started_at = now_iso()
     t0 = run.clock.monotonic()
@@ -628,13 +703,7 @@ async def _execute(run: BatchRun, cancel: bool) -> RunResult:
                 credentials = resolve_credentials(job.api, url)
             assert credentials is not None
             await run.connect(*credentials)
-            if options.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.add_signal_handler(sig, run.on_signal, sig)
-                        installed.append(sig)
-            if options.expose_signal_handler is not None:
-                options.expose_signal_handler(run.on_signal)
+            installed = take_signals(loop, options, run.on_signal)
             store.start_writer()
             try:
                 await run.reconcile()
@@ -649,6 +718,9 @@ async def _execute(run: BatchRun, cancel: bool) -> RunResult:
                         await run.wait(t0)
             except ProviderError as exc:
                 run.request_stop(StopReason.PROVIDER, str(exc), ExitCode.ERROR)
+            except openai.APIError as exc:  # listing, polling, cancelling
+                run.request_stop(StopReason.PROVIDER, run.provider_message(
+                    "answer the Batch API", exc), ExitCode.ERROR)
             except BatchGPTError as exc:  # a result could not be written
                 run.request_stop(StopReason.STORAGE, str(exc), ExitCode.ERROR)
         else:
@@ -738,14 +810,23 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _batch_worst(row: Row, job: JobConfig) -> float | None:
-    """The most a row may cost at Batch prices (as the online worst case, at half)."""
-    out = row.max_output_tokens
-    out = DEFAULT_OUTPUT_RESERVE if out is None else out
-    prompt = row.prompt_tokens
+def _worst(model: str, prompt: int, cap: int | None, job: JobConfig) -> float | None:
+    """The most a row may cost at Batch prices: the online worst case
+    (:func:`batchgpt.budget.worst_case`) at the model's Batch rates."""
+    out = DEFAULT_OUTPUT_RESERVE if cap is None else cap
     return cost_usd(Usage(prompt_tokens=prompt, completion_tokens=out,
                           total_tokens=prompt + out),
-                    resolve_price(row.body["model"], job.pricing), batch=True)
+                    resolve_price(model, job.pricing), batch=True)
+
+
+def _json(raw: bytes) -> dict[str, Any] | None:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _usd(value: float) -> str:

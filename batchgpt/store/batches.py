@@ -120,6 +120,10 @@ class BatchLedger:
         self.db = db
         self.path = path
 
+    @staticmethod
+    def exists(state_dir: Path) -> bool:
+        return (state_dir / "batches.sqlite").exists()
+
     @classmethod
     def open(cls, state_dir: Path) -> BatchLedger:
         path = state_dir / "batches.sqlite"
