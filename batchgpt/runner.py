@@ -679,7 +679,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         if job.mode == "batch":  # the provider's Batch API (batchgpt.modes.batch)
             from batchgpt.modes.batch import run_batch
 
-            return await run_batch(job, options, store, plan, source, spent_before)
+            return await run_batch(job, options, store, plan, source)
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)

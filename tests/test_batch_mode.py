@@ -50,7 +50,7 @@ def test_a_run_submits_and_returns_5_and_a_later_run_collects(job: JobFiles, sim
     path = batch_job(job)
     first = cli("run", path)
     assert first.exit_code == ExitCode.BATCH_PENDING == 5, first.output
-    assert "10 rows in 1 batches are still running at the provider" in first.output
+    assert "10 rows in 1 batch are still running at the provider" in first.output
     assert "run again later, or use --wait" in first.output
     assert job.results() == []
     assert sum(bx.carried.values()) == 10

@@ -33,7 +33,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,7 @@ META_SUBMISSION = "batchgpt_submission"
 PART_TOKENS_META = "part_prompt_tokens"  # after token_limit_exceeded: smaller parts
 UPLOAD_TIMEOUT_S = 600.0
 UNANSWERED = ("batch_expired", "batch_cancelled")
+WRITE_GROUP = 1000  # collected lines written together (one group commit of the store)
 
 
 class Step(str, enum.Enum):
@@ -318,9 +319,15 @@ class BatchRun:
         outcomes: dict[str, RowOutcome] = {}
         status = "lost" if batch is None else batch.status
         if batch is not None:
+            writes: list[Coroutine[Any, Any, None]] = []
             for file_id in (batch.output_file_id, batch.error_file_id):
                 async for raw in self._lines(file_id):
-                    await self._take_line(sub, rows, raw, outcomes)
+                    write = self._take_line(sub, rows, raw, outcomes)
+                    if write is not None:
+                        writes.append(write)
+                    if len(writes) >= WRITE_GROUP:
+                        await _together(writes)
+            await _together(writes)
             if status == "failed":
                 await self._failed_validation(sub, batch, rows, outcomes)
         self.ledger.settle_rows(sub.sub_id, outcomes)
@@ -338,38 +345,41 @@ class BatchRun:
         assert collected is not None
         await self._delete_files(collected)
 
-    async def _take_line(self, sub: Submission, rows: dict[str, CarriedRow], raw: bytes,
-                         outcomes: dict[str, RowOutcome]) -> None:
+    def _take_line(self, sub: Submission, rows: dict[str, CarriedRow], raw: bytes,
+                   outcomes: dict[str, RowOutcome]) -> Coroutine[Any, Any, None] | None:
+        """Decide what one line of a finished batch means for its row (recorded in
+        ``outcomes`` at once, so a second line for the row is ignored); the write to the
+        output or failures file it needs, to be awaited with others (one group commit)."""
         line = _json(raw)
         if line is None:
-            return
+            return None
         carried = rows.get(str(line.get("custom_id")))
         if carried is None or carried.custom_id in outcomes:
-            return
+            return None
         response = line.get("response")
         error = line.get("error")
         if isinstance(response, dict) and response.get("status_code") == 200 and isinstance(
                 response.get("body"), dict):
-            outcomes[carried.custom_id] = await self._succeed(sub, carried, response)
-            return
+            outcomes[carried.custom_id] = RowOutcome.SUCCEEDED
+            return self._succeed(sub, carried, response)
         if not isinstance(response, dict) and isinstance(error, dict) and (
                 error.get("code") in UNANSWERED):
-            return  # never executed: sent again, its attempt not counted
+            return None  # never executed: sent again, its attempt not counted
         failure = _failure(response, error)
         decision = decide(failure, carried.attempt, self.job.retry)
         self.stats.add_error(failure.error_code, failure.message)
         if decision.action is Action.RETRY:
             self.stats.retries += 1
             outcomes[carried.custom_id] = RowOutcome.RETRY
-            return
-        transient = decision.action is Action.FAIL_ROW and decision.transient
-        await self._fail(carried, failure, transient)
+            return None
         outcomes[carried.custom_id] = RowOutcome.FAILED
+        transient = decision.action is Action.FAIL_ROW and decision.transient
+        return self._fail(carried, failure, transient)
 
     async def _succeed(self, sub: Submission, row: CarriedRow, response: dict[str, Any]
-                       ) -> RowOutcome:
+                       ) -> None:
         if row.custom_id not in self.store.unsettled([(row.custom_id, row.request_hash)]):
-            return RowOutcome.SUCCEEDED  # taken by a run killed before recording it
+            return  # taken by a run killed before recording it
         body: dict[str, Any] = response["body"]
         echoed = body.get("model")
         model = batch_key(billed_model(echoed if isinstance(echoed, str) else sub.model,
@@ -385,7 +395,6 @@ class BatchRun:
         self.settled.add(row.custom_id)
         self.stats.succeeded += 1
         self.stats.add_usage(model, usage)
-        return RowOutcome.SUCCEEDED
 
     async def _fail(self, row: CarriedRow, failure: Failure, transient: bool) -> None:
         writer = self.store.writer
@@ -419,21 +428,24 @@ class BatchRun:
                         "submitted again in parts of at most %d prompt tokens, once running "
                         "batches have finished", sub.model, sub.rows, tokens)
             return
-        order = list(rows.values())
+        order = list(rows.values())  # the file's order
         by_line = {e.line: e for e in errors if e.line}
+        failing: list[tuple[CarriedRow, Failure]] = []
         for number, error in sorted(by_line.items()):
             if 1 <= number <= len(order):
-                row = order[number - 1]
-                await self._fail(row, Failure(Kind.HTTP, str(error.message), 400,
-                                              str(error.code), "invalid_request_error"), False)
-                outcomes[row.custom_id] = RowOutcome.FAILED
+                failing.append((order[number - 1], Failure(
+                    Kind.HTTP, str(error.message), 400, str(error.code),
+                    "invalid_request_error")))
         if not by_line:
             first = errors[0] if errors else None
             code = str(first.code) if first is not None else "batch_failed"
-            for row in order:
-                await self._fail(row, Failure(Kind.HTTP, said, 400, code,
-                                              "invalid_request_error"), False)
-                outcomes[row.custom_id] = RowOutcome.FAILED
+            failing = [(row, Failure(Kind.HTTP, said, 400, code, "invalid_request_error"))
+                       for row in order]
+        for row, _ in failing:
+            outcomes[row.custom_id] = RowOutcome.FAILED
+        for start in range(0, len(failing), WRITE_GROUP):
+            await _together([self._fail(row, failure, False)
+                             for row, failure in failing[start:start + WRITE_GROUP]])
 
     # -- 3. submit ------------------------------------------------------------------------
     def _pending_rows(self) -> Iterator[Row]:
@@ -605,8 +617,8 @@ class BatchRun:
 
     def log_progress(self) -> None:
         rows, batches = self.running()
-        event(log, logging.INFO, "batch_progress", "batches: %d rows in %d batches running "
-              "at the provider; this run: %d succeeded, %d failed", rows, batches,
+        event(log, logging.INFO, "batch_progress", "batches: %d rows in %s running at the "
+              "provider; this run: %d succeeded, %d failed", rows, _batches(batches),
               self.stats.succeeded, self.stats.failed, job=self.job.job_name,
               running_rows=rows, running_batches=batches, done=self.stats.succeeded,
               failed=self.stats.failed)
@@ -631,8 +643,9 @@ class BatchRun:
 
 
 async def run_batch(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
-                    source: InputFile, spent_before: float) -> RunResult:
-    """A run of a ``mode: batch`` job on an open store and its plan (see the module)."""
+                    source: InputFile) -> RunResult:
+    """A run of a ``mode: batch`` job on an open store and its plan (see the module). The
+    spend a cap counts is read again before each submission (collecting changes it)."""
     return await _drive(job, options, store, plan, source, cancel=False)
 
 
@@ -752,7 +765,7 @@ async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
         exit_code = run.stop_exit or ExitCode.ERROR
     elif batches:
         outcome, exit_code = Outcome.BATCH_PENDING, ExitCode.BATCH_PENDING
-        message = (f"{rows:,} rows in {batches:,} batches are still running at the provider; "
+        message = (f"{rows:,} rows in {_batches(batches)} are still running at the provider; "
                    "run again later, or use --wait" + (f" ({message})" if message else ""))
     elif run.stop_reason is StopReason.BUDGET:
         outcome, exit_code = Outcome.STOPPED, ExitCode.BUDGET
@@ -819,6 +832,16 @@ def _worst(model: str, prompt: int, cap: int | None, job: JobConfig) -> float | 
                     resolve_price(model, job.pricing), batch=True)
 
 
+async def _together(writes: list[Coroutine[Any, Any, None]]) -> None:
+    """Await writes together, so the store commits them as a group (one fsync), and
+    empty the list. The first failure is raised once all have ended."""
+    batch, writes[:] = list(writes), []
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _json(raw: bytes) -> dict[str, Any] | None:
     import json
 
@@ -827,6 +850,10 @@ def _json(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _batches(n: int) -> str:
+    return f"{n:,} batch" + ("" if n == 1 else "es")
 
 
 def _usd(value: float) -> str:

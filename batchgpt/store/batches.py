@@ -241,9 +241,10 @@ class BatchLedger:
         return [s for s in self.submissions() if not s.live and s.files_left]
 
     def carried(self, sub_id: str) -> Iterator[CarriedRow]:
+        """The rows of a submission in the order of its file's lines."""
         for cid, h, attempt in self.db.execute(
-                "SELECT custom_id, request_hash, attempt FROM carried WHERE sub_id = ?",
-                (sub_id,)):
+                "SELECT custom_id, request_hash, attempt FROM carried WHERE sub_id = ? "
+                "ORDER BY rowid", (sub_id,)):
             yield CarriedRow(cid, h, attempt)
 
     def live_ids(self) -> set[str]:
