@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,7 @@ def main() -> None:
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     sim = SimulatorProcess()
     try:
-        results = {}
+        results: dict[str, Any] = {}
         for mode in ("online", "batch"):
             folder = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
             write_input(folder / "input.jsonl", 0, args.rows, seed=1)
@@ -43,6 +44,12 @@ def main() -> None:
             if mode == "batch":
                 runs.append(timed_run(job_path, sim))
             summary = json.loads((folder / "out" / "resume_scale.summary.json").read_text())
+            for i, r in enumerate(runs):
+                results[f"  {('submit', 'collect')[i]}"] = {
+                    "exits": [r["exit"]], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                    "max_rss_mb": r["max_rss_mb"], "cost_usd": None, "succeeded": None,
+                } if mode == "batch" else None
+            results = {k: v for k, v in results.items() if v is not None}
             results[mode] = {
                 "exits": [r["exit"] for r in runs],
                 "wall_s": sum(r["wall_s"] for r in runs),
@@ -56,10 +63,12 @@ def main() -> None:
     print(f"rows: {args.rows:,}; load: {load}; {os.cpu_count()} cores")
     print(f"{'':10} {'exits':>8} {'wall s':>8} {'CPU s':>8} {'RSS MB':>8} {'cost $':>10}"
           f" {'rows':>8}")
-    for mode, r in results.items():
+    for mode in ("online", "batch", "  submit", "  collect"):
+        r = results[mode]
+        cost = "" if r["cost_usd"] is None else f"{r['cost_usd']:.5f}"
+        rows = "" if r["succeeded"] is None else f"{r['succeeded']:,}"
         print(f"{mode:10} {','.join(map(str, r['exits'])):>8} {r['wall_s']:8.2f} "
-              f"{r['cpu_s']:8.2f} {r['max_rss_mb']:8.0f} {r['cost_usd']:10.5f} "
-              f"{r['succeeded']:8,}")
+              f"{r['cpu_s']:8.2f} {r['max_rss_mb']:8.0f} {cost:>10} {rows:>8}")
     on, b = results["online"], results["batch"]
     print(f"batch / online: wall {b['wall_s'] / on['wall_s']:.2f}x, CPU "
           f"{b['cpu_s'] / on['cpu_s']:.2f}x, RSS {b['max_rss_mb'] / on['max_rss_mb']:.2f}x, "
