@@ -236,11 +236,8 @@ def test_the_budget_counts_each_submissions_worst_case_before_submitting(
     assert job.summary()["cost_usd"] <= worst * 2.5
 
 
-@pytest.mark.parametrize("step", [Step.PREPARED, Step.UPLOADED, Step.UPLOAD_RECORDED,
-                                  Step.CREATED])
-def test_a_kill_between_upload_create_and_record_never_submits_a_row_twice(
-        job: JobFiles, sim: Simulator, cli: Any, tmp_path: Path, step: Step) -> None:
-    path = batch_job(job, 5)
+def run_killed_at(path: Path, step: Step, tmp_path: Path) -> None:
+    """A run of the job in a child process that dies (os._exit) at ``step``, as a kill."""
     script = tmp_path / "killed_run.py"
     script.write_text(
         "import os, sys\n"
@@ -255,6 +252,14 @@ def test_a_kill_between_upload_create_and_record_never_submits_a_row_twice(
                             cwd=Path(__file__).parent.parent, capture_output=True,
                             text=True, timeout=120)
     assert killed.returncode == 9, killed.stderr
+
+
+@pytest.mark.parametrize("step", [Step.PREPARED, Step.UPLOADED, Step.UPLOAD_RECORDED,
+                                  Step.CREATED])
+def test_a_kill_between_upload_create_and_record_never_submits_a_row_twice(
+        job: JobFiles, sim: Simulator, cli: Any, tmp_path: Path, step: Step) -> None:
+    path = batch_job(job, 5)
+    run_killed_at(path, step, tmp_path)
     codes = [cli("run", path).exit_code for _ in range(3)]
     assert codes[-1] == 0, codes
     assert sorted(ids(job.results())) == [f"a{i:04d}" for i in range(1, 6)]
@@ -375,3 +380,23 @@ def test_dry_run_estimates_at_batch_prices(job: JobFiles, sim: Simulator, cli: A
     assert batch["mode"] == "batch" and online["mode"] == "online"
     assert batch["cost_usd"]["max"] == pytest.approx(online["cost_usd"]["max"] / 2)
     assert batch["cost_usd"]["min"] == pytest.approx(online["cost_usd"]["min"] / 2)
+
+
+def test_a_kill_after_collecting_before_the_ledger_knows_writes_nothing_twice(
+        job: JobFiles, sim: Simulator, cli: Any, tmp_path: Path) -> None:
+    rows = articles(4)
+    rows[0]["text"] = "__POISON__ refused"
+    path = job.write(rows, **BATCH)
+    assert cli("run", path).exit_code == 5
+    run_killed_at(path, Step.COLLECT_WRITTEN, tmp_path)  # lines written, ledger not told
+    assert len(job.results()) == 3
+    again = cli("run", path)
+    assert again.exit_code == ExitCode.ROWS_FAILED, again.output
+    assert sorted(ids(job.results())) == ["a0002", "a0003", "a0004"]  # once each
+    assert ids(job.failed()) == ["a0001"]
+    summary = job.summary()
+    assert summary["requests"] == {"total": 4, "succeeded": 3, "failed": 1, "pending": 0,
+                                   "not_in_input": 0}
+    assert summary["this_run"]["requests"]["succeeded"] == 0
+    assert_no_row_submitted_twice(sim)
+    assert endpoints(sim).files == {}

@@ -86,6 +86,7 @@ class Step(str, enum.Enum):
     UPLOAD_RECORDED = "upload_recorded"  # recorded, no batch yet
     CREATED = "created"  # the batch exists, not recorded
     SUBMIT_RECORDED = "submit_recorded"  # the batch is recorded
+    COLLECT_WRITTEN = "collect_written"  # its lines are in the output, the ledger not told
 
 
 # Called with each Step as a submission passes it. Tests set it (in a child process) to
@@ -330,6 +331,7 @@ class BatchRun:
             await _together(writes)
             if status == "failed":
                 await self._failed_validation(sub, batch, rows, outcomes)
+        _step(Step.COLLECT_WRITTEN)
         self.ledger.settle_rows(sub.sub_id, outcomes)
         missing = len(rows) - len(outcomes)
         files = [f for f in (sub.file_id, getattr(batch, "output_file_id", None),
@@ -397,12 +399,14 @@ class BatchRun:
         self.stats.add_usage(model, usage)
 
     async def _fail(self, row: CarriedRow, failure: Failure, transient: bool) -> None:
+        line = failure_line(row.custom_id, row.request_hash, failure, row.attempt, transient)
+        stored = self.store.lookup([row.custom_id]).get(row.custom_id)
+        if stored is not None and stored.failure is not None and stored.failure.line == line:
+            return  # this very line was recorded by a run killed before the ledger knew
         writer = self.store.writer
         assert writer is not None
-        await writer.put_failure(row.custom_id, row.request_hash,
-                                 failure_line(row.custom_id, row.request_hash, failure,
-                                              row.attempt, transient),
-                                 row.attempt, failure.error_code, transient)
+        await writer.put_failure(row.custom_id, row.request_hash, line, row.attempt,
+                                 failure.error_code, transient)
         self.settled.add(row.custom_id)
         self.stats.failed += 1
         self.stats.failed_codes[failure.error_code] += 1
@@ -504,7 +508,7 @@ class BatchRun:
                 log.info("limits.batch_queue_tokens: %d prompt tokens are enqueued; the rest "
                          "is submitted when batches finish", queued)
                 break
-            attempt = 1 + self.ledger.retries(row.custom_id, row.request_hash)
+            attempt = 1 + self.ledger.answered_errors(row.custom_id, row.request_hash)
             full = packer.add(model, CarriedRow(row.custom_id, row.request_hash, attempt),
                               line, prompt, worst)
             if room is not None:

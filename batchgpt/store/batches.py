@@ -254,11 +254,13 @@ class BatchLedger:
             "SELECT c.custom_id FROM carried c JOIN submissions s USING (sub_id) "
             f"WHERE s.state IN ({', '.join('?' * len(live))})", live)}
 
-    def retries(self, custom_id: str, request_hash: str) -> int:
-        """How often this very request got a retryable error answer in a batch."""
+    def answered_errors(self, custom_id: str, request_hash: str) -> int:
+        """How often this very request got an error answer in a batch (retried, or failed
+        and sent again by a later run): its next attempt is one more."""
         row = self.db.execute(
             "SELECT COUNT(*) FROM carried WHERE custom_id = ? AND request_hash = ? "
-            "AND outcome = ?", (custom_id, request_hash, RowOutcome.RETRY.value)).fetchone()
+            "AND outcome IN (?, ?)", (custom_id, request_hash, RowOutcome.RETRY.value,
+                                     RowOutcome.FAILED.value)).fetchone()
         return int(row[0])
 
     def _update(self, sub_id: str, **values: Any) -> None:
