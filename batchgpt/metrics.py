@@ -174,7 +174,8 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "retryable_rows (finished, but some rows failed for reasons that may pass; a rerun "
         "sends them), interrupted (cut short, e.g. by Ctrl-C or SIGTERM; a rerun resumes), "
         "stopped (halted because going on was pointless or unsafe, e.g. bad key, no quota, "
-        "a failed write), error (batchgpt itself failed).",
+        "a failed write), error (batchgpt itself failed), batch_pending (mode: batch: batches "
+        "still running at the provider; a later run collects them).",
         ("outcome",),
         (((name,), 1.0 if name == outcome else 0.0) for name in OUTCOMES),
     )
