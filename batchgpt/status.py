@@ -91,7 +91,7 @@ def job_status(job: JobConfig) -> dict[str, Any]:
                         "torn_bytes": recovery.torn_bytes},
     )
     if job.mode == "batch":
-        from batchgpt.modes.batch import batch_rows
+        from batchgpt.modes.batch_status import batch_rows
 
         info["batches"] = batch_rows(job)
     return info
@@ -142,7 +142,7 @@ def render_status(info: dict[str, Any]) -> str:
                      + (f" ({last['stopped']})" if last.get("stopped") else ""))
     lines.append(f"  lock       {'held: ' + info['locked_by'] if info['locked_by'] else 'free'}")
     if info.get("batches"):
-        from batchgpt.modes.batch import render_batches
+        from batchgpt.modes.batch_status import render_batches
 
         lines.extend(render_batches(info["batches"]))
     return "\n".join(lines)

@@ -31,7 +31,6 @@ import enum
 import logging
 import re
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -44,7 +43,7 @@ from batchgpt.credentials import resolve_credentials
 from batchgpt.errors import BatchGPTError, ExitCode, StateError
 from batchgpt.logs import event
 from batchgpt.modes.batch_files import Packer, Part, request_line
-from batchgpt.modes.lines import failure_line, result_line
+from batchgpt.modes.lines import failure_line, failure_of, parse_line, result_line
 from batchgpt.plan import Plan, planned_rows
 from batchgpt.pricing import Usage, batch_key, cost_usd, price_usage, resolve_price
 from batchgpt.redact import Redactor
@@ -223,7 +222,7 @@ class BatchRun:
         model, prompt, worst = "", 0, 0.0
         try:
             async for raw in self._lines(batch.input_file_id):
-                line = _json(raw)
+                line = parse_line(raw)
                 body = line.get("body") if line is not None else None
                 if line is None or not isinstance(body, dict) or not isinstance(
                         line.get("custom_id"), str):
@@ -352,7 +351,7 @@ class BatchRun:
         """Decide what one line of a finished batch means for its row (recorded in
         ``outcomes`` at once, so a second line for the row is ignored); the write to the
         output or failures file it needs, to be awaited with others (one group commit)."""
-        line = _json(raw)
+        line = parse_line(raw)
         if line is None:
             return None
         carried = rows.get(str(line.get("custom_id")))
@@ -367,7 +366,7 @@ class BatchRun:
         if not isinstance(response, dict) and isinstance(error, dict) and (
                 error.get("code") in UNANSWERED):
             return None  # never executed: sent again, its attempt not counted
-        failure = _failure(response, error)
+        failure = failure_of(response, error)
         decision = decide(failure, carried.attempt, self.job.retry)
         self.stats.add_error(failure.error_code, failure.message)
         if decision.action is Action.RETRY:
@@ -805,28 +804,6 @@ async def _report(run: BatchRun, started_at: str, wall: float) -> RunResult:
                      failures_file=job.failures_path)
 
 
-def _failure(response: object, error: object) -> Failure:
-    """An error line of the provider's error file as the Failure an online attempt with
-    the same answer would be."""
-    if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-        body = response.get("body")
-        err = body.get("error") if isinstance(body, dict) else None
-        err = err if isinstance(err, dict) else {}
-        request_id = response.get("request_id")
-        return Failure(Kind.HTTP, str(err.get("message") or f"HTTP {response['status_code']}"),
-                       response["status_code"], _str(err.get("code")), _str(err.get("type")),
-                       body=body, request_id=request_id if isinstance(request_id, str)
-                       else None, param=_str(err.get("param")))
-    err = error if isinstance(error, dict) else {}
-    return Failure(Kind.DECODE, str(err.get("message") or "the provider gave no answer for "
-                                    "this row"), None, _str(err.get("code")) or
-                   "invalid_response")
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
 def _worst(model: str, prompt: int, cap: int | None, job: JobConfig) -> float | None:
     """The most a row may cost at Batch prices: the online worst case
     (:func:`batchgpt.budget.worst_case`) at the model's Batch rates."""
@@ -846,59 +823,9 @@ async def _together(writes: list[Coroutine[Any, Any, None]]) -> None:
             raise result
 
 
-def _json(raw: bytes) -> dict[str, Any] | None:
-    import json
-
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _batches(n: int) -> str:
     return f"{n:,} batch" + ("" if n == 1 else "es")
 
 
 def _usd(value: float) -> str:
     return f"${value:,.4f}" if abs(value) >= 0.01 or value == 0 else f"${value:.6f}"
-
-
-def batch_rows(job: JobConfig) -> list[dict[str, Any]]:
-    """``status``: the job's batches as its ledger last saw them (no network)."""
-    ledger = BatchLedger.open_readonly(job.state_dir)
-    if ledger is None:
-        return []
-    try:
-        now = time.time()
-        return [{"batch": s.batch_id, "submission": s.sub_id, "state": s.state.value,
-                 "provider_status": s.provider_status, "model": s.model, "rows": s.rows,
-                 "counts": s.counts, "age_s": round(now - s.created_at, 1),
-                 "expires_at": s.expires_at} for s in ledger.submissions()]
-    finally:
-        ledger.close()
-
-
-def render_batches(batches: list[dict[str, Any]]) -> list[str]:
-    """``status``'s lines for the job's batches, newest last."""
-    lines = ["  batches"]
-    for b in batches:
-        counts = b["counts"]
-        done = (f"{counts.get('completed', 0):,} done, {counts.get('failed', 0):,} failed"
-                if counts else "-")
-        expires = ("expires " + time.strftime("%Y-%m-%d %H:%M UTC",
-                                              time.gmtime(b["expires_at"]))
-                   if b["expires_at"] else "")
-        lines.append(f"    {b['batch'] or b['submission']}  {b['state']}"
-                     + (f" ({b['provider_status']})" if b["provider_status"] else "")
-                     + f"  {b['rows']:,} rows  {done}  age {_age(b['age_s'])}"
-                     + (f"  {expires}" if expires and b["state"] == "submitted" else ""))
-    return lines
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
