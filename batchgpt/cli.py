@@ -226,6 +226,9 @@ def run(
     sandbox_fail_models: Annotated[list[str] | None, typer.Option(
         "--sandbox-fail-model", help="With --sandbox: MODEL=503 or MODEL=404 always fails "
         "that model (to try fallback_models; repeatable).")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="mode: batch: poll the provider until every row is settled.")
+                    ] = False,
 ) -> None:
     """Run a job, or resume it: rows that already succeeded are never sent again."""
     if log_format not in ("text", "json"):
@@ -251,7 +254,7 @@ def run(
                              "(moved to a .previous-<time> file) and start over?"):
             raise typer.Exit(ExitCode.ERROR)
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
-                         dry_run=dry_run, handle_signals=True)
+                         dry_run=dry_run, handle_signals=True, wait=wait)
     if sandbox_faults or sandbox_denied_terms or sandbox_fail_models:
         if not sandbox:
             raise typer.BadParameter("needs --sandbox", param_hint="--sandbox-faults, "
@@ -320,6 +323,27 @@ def status(
         typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:
         typer.echo(render_status(info))
+
+
+@app.command()
+@_guarded
+def cancel(
+    job_path: JobArg,
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
+) -> None:
+    """mode: batch: cancel the job's running batches and collect what they finished."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--log-format")
+    setup_logging(log_format, None, False)
+    from batchgpt.modes.batch import cancel_job
+
+    job = _load(job_path)
+    bind_job(job.job_name)
+    result = asyncio.run(cancel_job(job, RunOptions(handle_signals=True)))
+    event(log, logging.INFO if result.exit_code == 0 else logging.WARNING, "outcome", "%s",
+          result.message, outcome=result.outcome.value, exit_code=int(result.exit_code),
+          output=str(job.output))
+    raise typer.Exit(result.exit_code)
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it

@@ -49,6 +49,10 @@ RESERVED_PARAMS = {"messages": "write messages in the input file", "stream": "st
                    "supported in batches", "model": "use the job's `model` key"}
 
 
+# Keys of a job that mode: batch cannot honour (the reply checks and model fallbacks).
+ONLINE_ONLY = ("validate", "fallback_models")
+
+
 # A job file is a few keys; anything bigger is data that belongs in the input file.
 MAX_JOB_FILE_BYTES = 1024 * 1024
 # Deep enough for a JSON schema in params.response_format, far from Python's recursion limit.
@@ -111,6 +115,24 @@ class Limits(_Strict):
     max_cost_usd: PositiveFloat | None = Field(
         None, description="Stop dispatching before the spend could exceed this (USD)."
     )
+    batch_queue_tokens: PositiveInt | None = Field(
+        None, le=10**12, description="mode: batch: the most prompt tokens enqueued at the "
+        "provider at once (its enqueued-token limit for the model).")
+
+
+class BatchSettings(_Strict):
+    """``mode: batch``: how rows are packed into the provider's Batch API files, and how
+    often ``--wait`` polls. The defaults are OpenAI's limits (50,000 requests and 200 MB a
+    file), the size kept a little under so that a file is never refused for its size."""
+
+    completion_window: Literal["24h"] = Field(
+        "24h", description="The provider's completion window (OpenAI offers 24h).")
+    max_lines: PositiveInt = Field(
+        50_000, le=50_000, description="Rows per uploaded file (the provider's limit).")
+    max_bytes: PositiveInt = Field(
+        190_000_000, le=200_000_000, description="Bytes per uploaded file (under 200 MB).")
+    poll_interval_s: PositiveFloat = Field(
+        60.0, le=86400, description="How often --wait polls the provider, in seconds.")
 
 
 class RetryPolicy(_Strict):
@@ -268,6 +290,10 @@ class JobConfig(_Strict):
         description="A row whose request changed since its result was written: send it again "
         "(rerun), keep the old result (keep), or refuse to run (error).",
     )
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: requests one by one, now; batch: the provider's Batch "
+        "API (half price, results within the completion window).")
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @field_validator("prompt")
     @classmethod
@@ -329,6 +355,22 @@ class JobConfig(_Strict):
                 raise SettingError(f"fallback_models names '{model}' twice", at=(str(i),))
             seen.add(model)
         return value
+
+    @model_validator(mode="after")
+    def _batch_mode_fits(self) -> JobConfig:
+        """Settings that only an online run can honour are refused with ``mode: batch``
+        rather than silently ignored: a batch is sent as it is, with no re-ask or other
+        model between its request and its answer."""
+        if self.mode == "batch":
+            given = {"validate": self.validate_, "fallback_models": self.fallback_models}
+            for key in ONLINE_ONLY:
+                if given[key]:
+                    raise SettingError(
+                        f"{key} works in online mode only (each reply is checked, and "
+                        "re-asked or sent to another model, as it arrives); a Batch API "
+                        f"batch is sent and answered as a whole. Remove {key} or set "
+                        "mode: online", at=(key,))
+        return self
 
     @model_validator(mode="after")
     def _one_id_rule(self) -> JobConfig:

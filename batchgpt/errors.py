@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # command-line usage error
     ROWS_FAILED = 3  # finished; some rows failed permanently (see the failures file)
     BUDGET = 4  # stopped by limits.max_cost_usd
+    BATCH_PENDING = 5  # mode: batch: batches still running at the provider; run again later
     ROWS_RETRYABLE = 6  # finished; some rows failed for a reason that may pass: rerun later
     SOFTWARE = 70  # an internal error (EX_SOFTWARE): a bug; a traceback file is named
     LOCKED = 75  # another run of the job holds its lock (EX_TEMPFAIL)

@@ -25,8 +25,10 @@ from batchgpt.source import InputFile
 
 
 def _cost(prompt: int, completion: int, model: str, job: JobConfig) -> float | None:
+    # mode: batch is priced at the model's Batch rates
     return cost_usd(Usage(prompt_tokens=prompt, completion_tokens=completion,
-                          total_tokens=prompt + completion), resolve_price(model, job.pricing))
+                          total_tokens=prompt + completion), resolve_price(model, job.pricing),
+                    batch=job.mode == "batch")
 
 
 def estimate(job: JobConfig, plan: Plan) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def estimate(job: JobConfig, plan: Plan) -> dict[str, Any]:
         "price_known": not unknown,
         "unpriced_models": unknown,
         "min_wall_time_s": round(max(minutes) * 60, 1) if minutes else None,
+        "mode": job.mode,
     }
 
 

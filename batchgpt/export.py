@@ -61,7 +61,7 @@ from typing import IO, Any
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError, ExitCode, StateError
 from batchgpt.files import open_regular
-from batchgpt.pricing import Price, cost_usd, resolve_price
+from batchgpt.pricing import Price, cost_usd, resolve_price, split_batch_key
 from batchgpt.source import InputFile, ScannedRow
 from batchgpt.store import Store, StoredFailure, StoredResult, StoredRow
 from batchgpt.store.index import clean_text
@@ -186,7 +186,9 @@ class Pricer:
             return memo[key]
         except KeyError:
             pass
-        value = cost_usd(result.usage, self.price(result.model) or self.price(requested))
+        # An answer of the Batch API is kept as `model@batch` and priced at Batch rates.
+        model, batch = split_batch_key(result.model or "")
+        value = cost_usd(result.usage, self.price(model) or self.price(requested), batch=batch)
         if len(memo) >= self.MEMO:
             memo.clear()
         memo[key] = value

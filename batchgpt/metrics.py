@@ -99,6 +99,19 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
          (("pending",), requests.pending)],
     )
     gauge(
+        "batchgpt_rows_by_mode",
+        "Succeeded rows of the job by the mode that answered them: online (one request "
+        "at a time) or batch (the provider's Batch API, mode: batch).",
+        ("mode",),
+        [((mode,), count) for mode, count in summary.rows_by_mode.items()],
+    )
+    gauge(
+        "batchgpt_batches_running",
+        "mode: batch: the job's batches still running at the provider after the last run.",
+        (),
+        [((), summary.batches_running)],
+    )
+    gauge(
         "batchgpt_tokens",
         "Tokens the job has used over all its runs, as reported by the API. cached is part "
         "of prompt and reasoning is part of completion.",
@@ -189,7 +202,8 @@ def write_metrics(path: str | os.PathLike[str], summary: Summary) -> None:
         "retryable_rows (finished, but some rows failed for reasons that may pass; a rerun "
         "sends them), interrupted (cut short, e.g. by Ctrl-C or SIGTERM; a rerun resumes), "
         "stopped (halted because going on was pointless or unsafe, e.g. bad key, no quota, "
-        "a failed write), error (batchgpt itself failed).",
+        "a failed write), error (batchgpt itself failed), batch_pending (mode: batch: batches "
+        "still running at the provider; a later run collects them).",
         ("outcome",),
         (((name,), 1.0 if name == outcome else 0.0) for name in OUTCOMES),
     )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError
-from batchgpt.source import InputFile, ScannedRow
+from batchgpt.source import InputFile, Row, ScannedRow
 
 if TYPE_CHECKING:
     from batchgpt.store import Store
@@ -91,6 +92,26 @@ class Plan:
             "retryable": self.retrying,
             "to_send": self.to_send,
         }
+
+
+def planned_rows(plan: Plan, source: InputFile,
+                 changed: Callable[[int, str], None]) -> Iterator[Row]:
+    """The plan's rows to send, re-read by offset, each checked against the plan: an
+    input rewritten or cut during the run must stop it, not send other rows than planned.
+    At the first row that is not what was planned, ``changed(line, why)`` is called and
+    the rows end."""
+    rows = source.read_at(zip(plan.offsets, plan.lines, strict=True))
+    for check, line in zip(plan.checks, plan.lines, strict=True):
+        try:
+            row: Row | None = next(rows)
+        except Exception as exc:  # the line is gone, cut, or no longer valid
+            row, why = None, f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            why = "another row is there now"
+        if row is None or row_check(row.custom_id, row.request_hash) != check:
+            changed(line, why)
+            return
+        yield row
 
 
 def not_in_input(results: int, in_input: int) -> int:

@@ -320,18 +320,38 @@ def cost_usd(usage: Usage, price: Price | None, *, batch: bool = False) -> float
     return float(total / _PER_MILLION)
 
 
+BATCH_TAG = "@batch"
+"""Marks usage answered through the Batch API where usage is kept by model (the index's
+spend, a run's counters): ``gpt-4o-mini@batch`` is gpt-4o-mini at its Batch prices, so the
+job's cost, the cap and the summary price each part at the rate that was paid."""
+
+
+def batch_key(model: str) -> str:
+    """The key usage answered through the Batch API is kept under (see ``BATCH_TAG``)."""
+    return model + BATCH_TAG
+
+
+def split_batch_key(key: str) -> tuple[str, bool]:
+    """(model, answered through the Batch API) of a usage key."""
+    if key.endswith(BATCH_TAG):
+        return key[: -len(BATCH_TAG)], True
+    return key, False
+
+
 def price_usage(by_model: Mapping[str, Usage], pricing: Mapping[str, Price], *,
                 known_only: bool = False) -> tuple[float | None, list[str]]:
     """The cost of usage spread over models, and the models that used tokens but have no
     price (``"(unnamed)"`` for ``""``). The cost is None when there is such a model,
     unless ``known_only``: then it is what the priced models cost, the unknown ones
-    counted as 0 (the least that was paid)."""
+    counted as 0 (the least that was paid). A key tagged ``@batch`` (:func:`batch_key`)
+    is priced at the model's Batch prices."""
     total = 0.0
     unknown = []
-    for model, usage in by_model.items():
+    for key, usage in by_model.items():
         if usage.total_tokens == 0 and usage.prompt_tokens == 0:
             continue
-        c = cost_usd(usage, resolve_price(model, pricing))
+        model, batch = split_batch_key(key)
+        c = cost_usd(usage, resolve_price(model, pricing), batch=batch)
         if c is None:
             unknown.append(model or "(unnamed)")
         else:

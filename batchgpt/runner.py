@@ -34,14 +34,15 @@ from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_creden
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
 from batchgpt.limiter import RateLimiter
 from batchgpt.logs import event
-from batchgpt.plan import Plan, make_plan, not_in_input, row_check
+from batchgpt.plan import Plan, make_plan, not_in_input, planned_rows
 from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
 from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide, fallback_chain, falls_back
 from batchgpt.source import InputFile, Row
-from batchgpt.store import Store, encode_line, now_iso
+from batchgpt.store import Store, Totals, encode_line, now_iso
+from batchgpt.store.batches import rows_by_mode
 from batchgpt.store.output_log import line_id
 from batchgpt.store.writer import IndexFailed
 from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
@@ -76,6 +77,7 @@ class RunOptions:
     # handle_signals): code that embeds a run, or a test, interrupts it as a signal would
     # by calling handler(signal.SIGTERM), without sending a signal to the whole process.
     expose_signal_handler: Callable[[Callable[[int], None]], None] | None = None
+    wait: bool = False  # mode: batch: poll until every row is settled (--wait)
 
 
 @dataclass
@@ -329,26 +331,16 @@ class _Run:
 
     # -- the pipeline -------------------------------------------------------------------
     def pending_rows(self) -> Iterator[Row]:
-        """The planned rows, re-read by offset, each checked against the plan: an input
-        rewritten or cut during the run must stop it, not send other rows than planned."""
-        plan = self.plan
-        rows = self.source.read_at(zip(plan.offsets, plan.lines, strict=True))
-        for check, line in zip(plan.checks, plan.lines, strict=True):
-            try:
-                row: Row | None = next(rows)
-            except Exception as exc:  # the line is gone, cut, or no longer valid
-                row, why = None, f"{type(exc).__name__}: {exc}"[:200]
-            else:
-                why = "another row is there now"
-            if row is None or row_check(row.custom_id, row.request_hash) != check:
-                self.request_stop(
-                    StopReason.INPUT_CHANGED,
-                    f"{self.source.path}:{line}: the input changed during the run ({why}); "
-                    "nothing more is sent. Rerun to continue with the input as it is now",
-                    ExitCode.ERROR,
-                )
-                return
-            yield row
+        """The planned rows, re-read by offset and checked (:func:`planned_rows`)."""
+        return planned_rows(self.plan, self.source, self._input_changed)
+
+    def _input_changed(self, line: int, why: str) -> None:
+        self.request_stop(
+            StopReason.INPUT_CHANGED,
+            f"{self.source.path}:{line}: the input changed during the run ({why}); "
+            "nothing more is sent. Rerun to continue with the input as it is now",
+            ExitCode.ERROR,
+        )
 
     async def dispatch(self) -> None:
         for row in self.pending_rows():
@@ -836,6 +828,10 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
                                           for src, dst in store.previous_files()}
             return RunResult(Outcome.DRY_RUN, ExitCode.OK, None, plan, estimate=est,
                              output=Path(job.output), failures_file=job.failures_path)
+        if job.mode == "batch":  # the provider's Batch API (batchgpt.modes.batch)
+            from batchgpt.modes.batch import run_batch
+
+            return await run_batch(job, options, store, plan, source)
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)
@@ -961,13 +957,7 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
             run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
                                     max_connections=run.cap, organization=job.api.organization,
                                     project=job.api.project, redact=run.redact)
-            if options.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.add_signal_handler(sig, run.on_signal, sig)
-                        installed.append(sig)
-            if options.expose_signal_handler is not None:
-                options.expose_signal_handler(run.on_signal)
+            installed = take_signals(loop, options, run.on_signal)
             store.start_writer()
             housekeeping = asyncio.create_task(run.housekeeping(plan.to_send, t0))
             dispatch = asyncio.create_task(run.dispatch())
@@ -1003,13 +993,8 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
         # Every path that leaves a row unresolved should have said why; never call it done.
         run.request_stop(StopReason.INCOMPLETE, f"{unresolved} rows were not resolved; rerun "
                          "to send them", ExitCode.ERROR)
-    succeeded = plan.done + stats.succeeded
-    failed = plan.failed_kept + plan.failed_deferred + stats.failed
-    replaced = store.writer.replaced if store.writer is not None else 0
-    in_input = plan.with_result + stats.succeeded - replaced
-    requests = Requests(total=plan.rows, succeeded=succeeded, failed=failed,
-                        pending=plan.rows - succeeded - failed,
-                        not_in_input=not_in_input(totals.results, in_input))
+    requests = job_requests(store, plan, stats, totals)
+    succeeded, failed = requests.succeeded, requests.failed
     if run.stop_reason is not None:
         outcome = (Outcome.INTERRUPTED if run.stop_reason is StopReason.SIGNAL
                    else Outcome.ERROR if run.stop_reason is StopReason.INTERNAL_ERROR
@@ -1021,10 +1006,54 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
         outcome, exit_code = Outcome.FAILED_ROWS, ExitCode.ROWS_FAILED
     else:
         outcome, exit_code = Outcome.COMPLETED, ExitCode.OK
+    summary = job_summary(job, store, plan, stats, totals, requests, outcome=outcome,
+                          stopped=run.stop_reason, message=run.stop_message,
+                          started_at=started_at, wall=wall)
+    await save_summary(job, store, summary)
+    if outcome is Outcome.COMPLETED and not plan.to_send:
+        outcome_line = f"nothing to do: all {succeeded} rows already succeeded"
+    else:
+        outcome_line = _outcome_line(summary)
+    return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
+                     table=render_table(summary), output=Path(job.output),
+                     failures_file=job.failures_path)
+
+
+def take_signals(loop: asyncio.AbstractEventLoop, options: RunOptions,
+                 handler: Callable[[int], None]) -> list[signal.Signals]:
+    """Route SIGINT and SIGTERM to ``handler`` while a run sends (with
+    ``handle_signals``), and give it to ``expose_signal_handler``; returns the signals to
+    hand back to the loop at the end."""
+    installed: list[signal.Signals] = []
+    if options.handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler, sig)
+                installed.append(sig)
+    if options.expose_signal_handler is not None:
+        options.expose_signal_handler(handler)
+    return installed
+
+
+def job_requests(store: Store, plan: Plan, stats: RunStats, totals: Totals) -> Requests:
+    """The input's rows by state after a run that settled ``stats``' rows of ``plan``."""
+    succeeded = plan.done + stats.succeeded
+    failed = plan.failed_kept + plan.failed_deferred + stats.failed
+    replaced = store.writer.replaced if store.writer is not None else 0
+    in_input = plan.with_result + stats.succeeded - replaced
+    return Requests(total=plan.rows, succeeded=succeeded, failed=failed,
+                    pending=plan.rows - succeeded - failed,
+                    not_in_input=not_in_input(totals.results, in_input))
+
+
+def job_summary(job: JobConfig, store: Store, plan: Plan, stats: RunStats, totals: Totals,
+                requests: Requests, *, outcome: Outcome, stopped: StopReason | None,
+                message: str | None, started_at: str, wall: float) -> Summary:
+    """The run's summary (online and batch mode alike)."""
     rec = store.recovery
     summary = build_summary(
-        job_name=job.job_name, outcome=outcome, stopped=run.stop_reason,
-        message=run.stop_message, started_at=started_at, finished_at=now_iso(),
+        job_name=job.job_name, outcome=outcome, stopped=stopped,
+        message=message, started_at=started_at, finished_at=now_iso(),
         wall_time_s=wall, requests=requests,
         failed_by_code=plan.failed_codes + stats.failed_codes, totals=totals, stats=stats,
         pricing=job.pricing, output=Path(job.output), failures=job.failures_path,
@@ -1035,18 +1064,18 @@ async def _report(job: JobConfig, store: Store, plan: Plan, run: _Run, started_a
         recovered=Recovery(taken_over=rec.taken_over, lost=rec.lost,
                            set_aside=[str(p) for p in rec.set_aside]),
     )
+    summary.rows_by_mode = rows_by_mode(store.index)
+    return summary
+
+
+async def save_summary(job: JobConfig, store: Store, summary: Summary) -> None:
+    """Write the summary file and record the run's end; a failure is logged only (the
+    results are safe in the output whatever happens here)."""
     try:
         await write_summary(job.summary_path, summary)
-        store.finish_run(outcome.value, summary.model_dump_json())
+        store.finish_run(summary.outcome.value, summary.model_dump_json())
     except (OSError, BatchGPTError) as exc:
         log.warning("cannot write %s: %s", job.summary_path, getattr(exc, "strerror", exc))
-    if outcome is Outcome.COMPLETED and not plan.to_send:
-        outcome_line = f"nothing to do: all {succeeded} rows already succeeded"
-    else:
-        outcome_line = _outcome_line(summary)
-    return RunResult(outcome, exit_code, summary, plan, message=outcome_line,
-                     table=render_table(summary), output=Path(job.output),
-                     failures_file=job.failures_path)
 
 
 async def _wait_with_grace(run: _Run, dispatch: asyncio.Task[None], grace_s: float) -> None:

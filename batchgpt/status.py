@@ -90,6 +90,10 @@ def job_status(job: JobConfig) -> dict[str, Any]:
         needs_recovery={"take_over": recovery.taken_over, "lost": recovery.lost,
                         "torn_bytes": recovery.torn_bytes},
     )
+    if job.mode == "batch":
+        from batchgpt.modes.batch_status import batch_rows
+
+        info["batches"] = batch_rows(job)
     return info
 
 
@@ -137,4 +141,8 @@ def render_status(info: dict[str, Any]) -> str:
                      f"outcome {last['outcome'] or '-'}"
                      + (f" ({last['stopped']})" if last.get("stopped") else ""))
     lines.append(f"  lock       {'held: ' + info['locked_by'] if info['locked_by'] else 'free'}")
+    if info.get("batches"):
+        from batchgpt.modes.batch_status import render_batches
+
+        lines.extend(render_batches(info["batches"]))
     return "\n".join(lines)

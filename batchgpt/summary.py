@@ -25,6 +25,7 @@ class Outcome(str, enum.Enum):
     INTERRUPTED = "interrupted"  # a signal; a rerun resumes
     STOPPED = "stopped"  # going on was pointless or unsafe (see StopReason)
     ERROR = "error"  # batchgpt itself failed (an internal error)
+    BATCH_PENDING = "batch_pending"  # mode: batch: batches still running at the provider
     DRY_RUN = "dry_run"  # RunResult only: nothing was sent (never in a summary file)
 
 
@@ -44,6 +45,8 @@ class StopReason(str, enum.Enum):
     CIRCUIT_BREAKER = "circuit breaker"  # the first attempts all failed the same way
     INTERNAL_ERROR = "internal error"
     INCOMPLETE = "incomplete"  # rows left unresolved without another reason (a bug guard)
+    PROVIDER = "provider"  # mode: batch: the provider's Files or Batches API failed
+    CANCELLED = "cancelled"  # mode: batch: `batchgpt cancel` cancelled the running batches
 
 
 class _Model(BaseModel):
@@ -145,6 +148,10 @@ class Summary(_Model):
     output: str
     failures: str
     plan: PlanCounts | None = None
+    # The job's succeeded rows by the mode that answered them ("online", "batch"), and,
+    # in batch mode, the batches still running at the provider.
+    rows_by_mode: dict[str, int] = Field(default_factory=dict)
+    batches_running: int = 0
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

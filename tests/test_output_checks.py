@@ -310,3 +310,15 @@ def test_sandbox_options_spoil_first_answers_from_the_command_line(job: JobFiles
     assert job.summary()["this_run"]["reasks_by_reason"] == {"invalid_json": 4}
     bad = cli("run", path, "--sandbox", "--sandbox-faults", "nonsense=2")
     assert bad.exit_code == 2 and "invalid_json" in bad.output
+
+
+@pytest.mark.parametrize("extra", [{"validate": {"json": True}},
+                                   {"fallback_models": ["gpt-4o"]}])
+def test_checks_and_fallbacks_are_refused_in_batch_mode_naming_the_key(
+        job: JobFiles, sim: Simulator, cli: Any, extra: dict[str, Any]) -> None:
+    path = job.write(articles(2), mode="batch", **extra)
+    result = cli("run", path, "--dry-run")
+    assert result.exit_code == 1
+    (key,) = extra
+    assert f"{key} works in online mode only" in result.output
+    assert sim.stats.requests == 0

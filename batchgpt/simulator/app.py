@@ -27,7 +27,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,6 +44,9 @@ from batchgpt.simulator.replies import (
     response_schema,
     spoil,
 )
+
+if TYPE_CHECKING:
+    from batchgpt.simulator.batches import BatchEndpoints
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano")
 LABELS = ("positive", "negative", "neutral", "mixed")
@@ -346,6 +349,7 @@ class Simulator:
         self._seen: dict[bytes, int] = {}
         self._spoiled: set[str] = set()  # texts of spoiled answers: a follow-up is clean
         self._quota_used = 0
+        self.batches: BatchEndpoints | None = None  # the Files and Batches state, once started
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -353,6 +357,7 @@ class Simulator:
         """Listen on host:port (0 = a free port) and return the base URL ending in /v1."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        from batchgpt.simulator.batches import BatchEndpoints
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
@@ -362,6 +367,7 @@ class Simulator:
         app.router.add_post("/_sandbox/reset", self._post_reset)
         app.router.add_get("/_sandbox/config", self._get_config)
         app.router.add_post("/_sandbox/config", self._post_config)
+        self.batches = BatchEndpoints.attach(self, app.router)  # /v1/files, /v1/batches
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         # No access log: it would be the single biggest cost per request at 2,000 req/s.
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
