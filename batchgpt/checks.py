@@ -27,6 +27,7 @@ in scripts without spaces (Chinese, Japanese) match.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
@@ -65,6 +66,7 @@ class Rejection:
     reason: Reason
     detail: str  # the term found, the schema path, the finish reason, ...
     problem: str  # one sentence, quoted in the re-ask and the failures file
+    choice: int = 0  # the index in ``choices`` of the rejected one
 
 
 class DenyList:
@@ -153,10 +155,10 @@ class Checks:
             return Rejection(Reason.INVALID_JSON if self._wants_json(request) else
                              Reason.FINISH_REASON, "no choices",
                              "the reply holds no choices")
-        for choice in choices:
+        for i, choice in enumerate(choices):
             rejection = self._judge_choice(choice if isinstance(choice, dict) else {}, request)
             if rejection is not None:
-                return rejection
+                return dataclasses.replace(rejection, choice=i) if i else rejection
         return None
 
     def _judge_choice(self, choice: Mapping[str, Any], request: Mapping[str, Any]
@@ -284,7 +286,8 @@ def reask_messages(messages: Sequence[Any], reply: Mapping[str, Any], rejection:
     assistant's turn, and a user turn quoting the problem (with the schema, for a schema
     failure)."""
     choices = reply.get("choices")
-    first = choices[0] if isinstance(choices, list) and choices else {}
+    first = (choices[rejection.choice] if isinstance(choices, list)
+             and rejection.choice < len(choices) else {})
     message = first.get("message") if isinstance(first, dict) else None
     message = message if isinstance(message, dict) else {}
     said = reply_text(message) or str(message.get("refusal") or "")

@@ -150,3 +150,40 @@ def test_json_reply_is_kept_when_its_escapes_hold_no_denied_term(
     (line,) = job.results()
     assert "\\u" in line["response"]["body"]["choices"][0]["message"]["content"]
     assert json.loads(line["response"]["body"]["choices"][0]["message"]["content"])
+
+
+# -- fallbacks --------------------------------------------------------------------------------
+def test_a_404_without_the_model_not_found_code_falls_back(job: JobFiles, sim: Simulator,
+                                                            cli: Any) -> None:
+    # Azure (DeploymentNotFound), vLLM, Ollama and proxies answer a missing model with a
+    # 404 that has no model_not_found code; the issue names "model_not_found/404".
+    sim.config.faults.echo_auth_status = 404  # every request, every model: 404
+    path = job.write(articles(1), fallback_models=["gpt-4o"])
+    assert cli("run", path).exit_code == 3
+    assert [b["model"] for b in sim.stats.bodies] == ["gpt-4o-mini", "gpt-4o"]
+    (failed,) = job.failed()
+    assert failed["error"]["status"] == 404
+    assert "sk-test-key" not in job.failures.read_text()
+    assert job.summary()["this_run"]["fallbacks_by_model"] == {"gpt-4o": 1}
+
+
+def test_an_invalid_url_404_never_falls_back(job: JobFiles, sim: Simulator, cli: Any) -> None:
+    path = job.write(articles(1), fallback_models=["gpt-4o"],
+                     api={"base_url": sim.base_url + "/nowhere"})
+    assert cli("run", path).exit_code == 1
+    assert job.summary()["this_run"]["fallbacks_by_model"] == {}
+
+
+# -- n > 1 ------------------------------------------------------------------------------------
+def test_a_reask_quotes_the_choice_that_was_rejected(job: JobFiles, sim: Simulator,
+                                                     cli: Any) -> None:
+    sim.config.faults.reply_patch = {"choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "a fine answer"},
+         "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "a CONFIDENTIAL answer"},
+         "finish_reason": "stop"}]}
+    path = job.write(articles(1), params={"max_tokens": 50, "n": 2},
+                     validate={"deny_words": ["confidential"], "max_reasks": 1})
+    assert cli("run", path).exit_code == 3
+    _first, reask = sim.stats.bodies
+    assert reask["messages"][-2] == {"role": "assistant", "content": "a CONFIDENTIAL answer"}
