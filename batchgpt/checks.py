@@ -173,7 +173,8 @@ class Checks:
         if refusal:
             text = str(refusal)
             return Rejection(Reason.REFUSAL, text[:200], f"the model refused: {text[:500]}")
-        if self.finish_reasons is not None and finish not in self.finish_reasons:
+        if self.finish_reasons is not None and (not isinstance(finish, str)
+                                                or finish not in self.finish_reasons):
             if finish == "length":
                 return _truncated()
             return Rejection(Reason.FINISH_REASON, str(finish),

@@ -13,7 +13,7 @@ from tests.conftest import JobFiles, articles
 JSON_FORMAT = {"type": "json_object"}
 
 
-def _one_reply(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
+def _one_reply(message: dict[str, Any], finish: Any = "stop") -> dict[str, Any]:
     """A reply_patch that makes every answer hold this one message."""
     return {"choices": [{"index": 0, "message": {"role": "assistant", **message},
                          "finish_reason": finish, "logprobs": None}]}
@@ -187,3 +187,12 @@ def test_a_reask_quotes_the_choice_that_was_rejected(job: JobFiles, sim: Simulat
     assert cli("run", path).exit_code == 3
     _first, reask = sim.stats.bodies
     assert reask["messages"][-2] == {"role": "assistant", "content": "a CONFIDENTIAL answer"}
+
+
+def test_a_finish_reason_that_is_not_text_is_rejected_not_an_internal_error(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    sim.config.faults.reply_patch = _one_reply({"content": "hi"}, ["stop"])
+    path = job.write(articles(2), validate={"finish_reasons": ["stop"], "max_reasks": 0})
+    result = cli("run", path)
+    assert result.exit_code == 3, result.output
+    assert [f["error"]["reason"] for f in job.failed()] == ["finish_reason", "finish_reason"]
