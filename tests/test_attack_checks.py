@@ -159,7 +159,9 @@ def test_a_404_without_the_model_not_found_code_falls_back(job: JobFiles, sim: S
     # 404 that has no model_not_found code; the issue names "model_not_found/404".
     sim.config.faults.echo_auth_status = 404  # every request, every model: 404
     path = job.write(articles(1), fallback_models=["gpt-4o"])
-    assert cli("run", path).exit_code == 3
+    result = cli("run", path, "--verbose")
+    assert result.exit_code == 3, result.output
+    assert "sk-test-key" not in result.output
     assert [b["model"] for b in sim.stats.bodies] == ["gpt-4o-mini", "gpt-4o"]
     (failed,) = job.failed()
     assert failed["error"]["status"] == 404
