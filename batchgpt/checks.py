@@ -127,7 +127,7 @@ class Checks:
         if isinstance(schema, str):
             schema = _read_schema_file(job, schema)
         where, name = job.where("validate", "json_schema"), "validate.json_schema"
-        if schema is None:
+        if schema is None and settings.json_ is not False:  # json: false checks no JSON
             schema = _response_format_schema(job.params.get("response_format"))
             where = job.where("params", "response_format")
             name = "params.response_format.json_schema.schema"

@@ -198,3 +198,17 @@ def test_a_finish_reason_that_is_not_text_is_rejected_not_an_internal_error(
     result = cli("run", path)
     assert result.exit_code == 3, result.output
     assert [f["error"]["reason"] for f in job.failed()] == ["finish_reason", "finish_reason"]
+
+
+def test_json_false_turns_off_the_schema_taken_from_response_format(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    # validate.json: false says "do not check the reply as JSON", even when the request
+    # asks for it; the schema the checks would take from response_format goes with it.
+    sim.config.faults.replies = ReplyFaults(invalid_json_rate=1.0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"summary": {"type": "string"}}}}}
+    path = job.write(articles(2), params={"max_tokens": 80, "response_format": fmt},
+                     validate={"json": False, "max_chars": 10_000, "max_reasks": 0})
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert len(job.results()) == 2
