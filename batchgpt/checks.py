@@ -27,10 +27,11 @@ in scripts without spaces (Chinese, Japanese) match.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Rejection:
     reason: Reason
     detail: str  # the term found, the schema path, the finish reason, ...
     problem: str  # one sentence, quoted in the re-ask and the failures file
+    choice: int = 0  # the index in ``choices`` of the rejected one
 
 
 class DenyList:
@@ -124,13 +126,15 @@ class Checks:
         schema = settings.json_schema
         if isinstance(schema, str):
             schema = _read_schema_file(job, schema)
-        if schema is None:
+        where, name = job.where("validate", "json_schema"), "validate.json_schema"
+        if schema is None and settings.json_ is not False:  # json: false checks no JSON
             schema = _response_format_schema(job.params.get("response_format"))
+            where = job.where("params", "response_format")
+            name = "params.response_format.json_schema.schema"
         if schema is not None:
             problem = schema_problem(schema)
             if problem is not None:
-                raise ConfigError(f"{job.where('validate', 'json_schema')}: validate.json_schema "
-                                  f"{problem}")
+                raise ConfigError(f"{where}: {name} {problem}")
         deny = None
         terms = settings.deny_words
         if isinstance(terms, str):
@@ -151,10 +155,10 @@ class Checks:
             return Rejection(Reason.INVALID_JSON if self._wants_json(request) else
                              Reason.FINISH_REASON, "no choices",
                              "the reply holds no choices")
-        for choice in choices:
+        for i, choice in enumerate(choices):
             rejection = self._judge_choice(choice if isinstance(choice, dict) else {}, request)
             if rejection is not None:
-                return rejection
+                return dataclasses.replace(rejection, choice=i) if i else rejection
         return None
 
     def _judge_choice(self, choice: Mapping[str, Any], request: Mapping[str, Any]
@@ -169,7 +173,8 @@ class Checks:
         if refusal:
             text = str(refusal)
             return Rejection(Reason.REFUSAL, text[:200], f"the model refused: {text[:500]}")
-        if self.finish_reasons is not None and finish not in self.finish_reasons:
+        if self.finish_reasons is not None and (not isinstance(finish, str)
+                                                or finish not in self.finish_reasons):
             if finish == "length":
                 return _truncated()
             return Rejection(Reason.FINISH_REASON, str(finish),
@@ -183,9 +188,11 @@ class Checks:
         if self._wants_json(request):
             try:
                 parsed = json.loads(content)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 if finish == "length":
                     return _truncated()
+                if isinstance(exc, RecursionError):
+                    exc = ValueError("nested too deeply")
                 return Rejection(Reason.INVALID_JSON, str(exc)[:200],
                                  f"the reply is not valid JSON ({exc})")
             schema = self.schema_for(request)
@@ -198,7 +205,8 @@ class Checks:
             return Rejection(Reason.REGEX, self.regex.pattern[:200],
                              f"the reply does not match the pattern {self.regex.pattern!r}")
         if self.deny is not None:
-            term = self.deny.find(content)
+            term = next((t for text in _deny_texts(content, message)
+                         if (t := self.deny.find(text)) is not None), None)
             if term is not None:
                 return Rejection(Reason.DENIED_TERM, term,
                                  f"the reply contains the term {term!r}, which is not allowed")
@@ -238,13 +246,49 @@ def reply_text(message: Mapping[str, Any]) -> str:
     return json.dumps(content, ensure_ascii=False)
 
 
+def _deny_texts(content: str, message: Mapping[str, Any]) -> Iterator[str]:
+    """The texts of a reply the deny list must not find a term in: its content and its
+    tool calls' arguments, each also as its JSON strings decoded when it is JSON with
+    escapes (``\\u673a`` is the term 机 to whoever reads the JSON)."""
+    texts = [content]
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            texts.append(arguments)
+    for text in texts:
+        yield text
+        if "\\" in text:
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            yield "\n".join(_json_strings(value))
+
+
+def _json_strings(value: Any) -> Iterator[str]:
+    """Every string (keys included) in a parsed JSON value, without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def reask_messages(messages: Sequence[Any], reply: Mapping[str, Any], rejection: Rejection,
                    schema: Mapping[str, Any] | None) -> list[Any]:
     """The follow-up turn: ``messages`` as first sent, the rejected reply as the
     assistant's turn, and a user turn quoting the problem (with the schema, for a schema
     failure)."""
     choices = reply.get("choices")
-    first = choices[0] if isinstance(choices, list) and choices else {}
+    first = (choices[rejection.choice] if isinstance(choices, list)
+             and rejection.choice < len(choices) else {})
     message = first.get("message") if isinstance(first, dict) else None
     message = message if isinstance(message, dict) else {}
     said = reply_text(message) or str(message.get("refusal") or "")
@@ -290,7 +334,11 @@ def _schema_rejection(validator: Any, instance: Any, schema: Mapping[str, Any]
                       ) -> Rejection | None:
     from jsonschema.exceptions import best_match
 
-    error = best_match(validator.iter_errors(instance))
+    try:
+        error = best_match(validator.iter_errors(instance))
+    except RecursionError:
+        return Rejection(Reason.SCHEMA, "$", "the reply is nested too deeply to check "
+                         "against the schema")
     if error is None:
         return None
     path = error.json_path
@@ -307,10 +355,12 @@ def schema_problem(schema: Any) -> str | None:
 
     try:
         Draft202012Validator.check_schema(schema)
+        remote = _remote_ref(schema)
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         return f"is not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}"
-    remote = _remote_ref(schema)
+    except RecursionError:
+        return "is nested too deeply to be checked"
     if remote is not None:
         return (f"uses $ref {remote!r}: only references inside the schema (#/...) are "
                 "supported; batchgpt never fetches a schema over the network")
@@ -373,6 +423,9 @@ def _read_schema_file(job: JobConfig, value: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"{job.where('validate', 'json_schema')}: validate.json_schema: "
                           f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{job.where('validate', 'json_schema')}: validate.json_schema: "
+                          f"{path} is nested too deeply to be read as a JSON Schema") from None
     if not isinstance(schema, dict):
         raise ConfigError(f"{job.where('validate', 'json_schema')}: validate.json_schema: "
                           f"{path} must hold a JSON Schema object")

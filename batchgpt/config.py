@@ -231,6 +231,27 @@ class ValidateSettings(_Strict):
                                "schema needs JSON; drop one of them", at=("json",))
         return self
 
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_shape(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict | str):
+            raise SettingError(f"validate.json_schema is {_kind(value)}: give a JSON Schema "
+                               "(a mapping) or the path of a file holding one")
+        return value
+
+    @field_validator("deny_words", mode="before")
+    @classmethod
+    def _deny_words_shape(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, term in enumerate(value):
+                if not isinstance(term, str):
+                    raise SettingError(f"validate.deny_words[{i}] is {_kind(term)}, not a "
+                                       "term; write it in quotes", at=(str(i),))
+        elif value is not None and not isinstance(value, str):
+            raise SettingError(f"validate.deny_words is {_kind(value)}: give a list of terms "
+                               "or the path of a file with one term a line")
+        return value
+
     @field_validator("deny_words")
     @classmethod
     def _check_deny_words(cls, value: list[str] | str | None) -> list[str] | str | None:

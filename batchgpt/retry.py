@@ -217,7 +217,7 @@ def fallback_chain(model: str, fallbacks: Sequence[str], missing: Collection[str
 
 def falls_back(failure: Failure, decision: Decision) -> bool:
     """Whether a row that ``failure`` ended on one model (``decision`` is not a retry) may
-    be tried on the next of ``fallback_models``: a model missing or too small for the
+    be tried on the next of ``fallback_models``: a model missing (404) or too small for the
     row, its content filter, or its server still failing when the retries ran out (5xx,
     timeouts, dropped connections). Never for what is about the key, the account or the
     request itself (401, 403, quota, other 4xx): every model would answer the same.
@@ -228,6 +228,10 @@ def falls_back(failure: Failure, decision: Decision) -> bool:
     if failure.status in (401, 403) or failure.error_code in QUOTA_CODES:
         return False
     if failure.error_code in FALLBACK_CODES:
+        return True
+    if failure.kind is Kind.HTTP and failure.status == 404 and decision.action is Action.FAIL_ROW:
+        # A model missing without OpenAI's code (Azure's DeploymentNotFound, vLLM, Ollama,
+        # a proxy); an unknown URL stops the run instead.
         return True
     if decision.action is Action.FAIL_ROW and decision.transient:
         return failure.kind in (Kind.TIMEOUT, Kind.CONNECTION) or (

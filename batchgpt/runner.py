@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -410,13 +411,17 @@ class _Run:
             has_next = i + 1 < len(models)
             own = model == row.body["model"]  # not when its model was found missing
             body = row.body if own else {**row.body, "model": model}
+            # Counted when its first request is sent (not when the budget or a stop ends
+            # the row before that).
+            count: Callable[[], None] | None = None
             if not own:
-                self.stats.fallbacks[model] += 1
+                count = functools.partial(self.stats.fallbacks.update, (model,))
                 if not await self._admit_more(row, body, held):
                     return
             request, reasks = body, 0
             while True:
-                sent = await self._send(row, me, request, has_next)
+                sent = await self._send(row, me, request, has_next, count)
+                count = None
                 if sent is None:  # the run is stopping: the row stays pending
                     return
                 attempts += sent.attempts
@@ -445,7 +450,8 @@ class _Run:
                 assert checks is not None
                 if reasks < checks.max_reasks:
                     reasks += 1
-                    self.stats.reasks[rejection.reason.value] += 1
+                    count = functools.partial(self.stats.reasks.update,
+                                              (rejection.reason.value,))
                     request = {**body, "messages": reask_messages(
                         body["messages"], reply.body, rejection, checks.schema_for(body))}
                     if not await self._admit_more(row, request, held):
@@ -458,9 +464,11 @@ class _Run:
                 return
 
     async def _send(self, row: Row, me: asyncio.Task[None], body: dict[str, Any],
-                    has_fallback: bool) -> _Sent | None:
+                    has_fallback: bool, on_sent: Callable[[], None] | None = None
+                    ) -> _Sent | None:
         """One request with its retries: a reply, or the failure that ended it and the
-        decision on it (a retry never comes back), or None when the run stops first."""
+        decision on it (a retry never comes back), or None when the run stops first.
+        ``on_sent`` is called when the first attempt goes on the wire."""
         assert self.client is not None
         policy = self.job.retry
         cost = row.cost if body is row.body or body["messages"] is row.body["messages"] \
@@ -483,6 +491,8 @@ class _Run:
                 return None
             self.waiting_tasks.discard(me)
             self.stats.sent += 1
+            if attempt == 1 and on_sent is not None:
+                on_sent()
             result = await self.client.complete(body)
             self.stats.add_latency(result.latency_s)
             self._observe(result)
