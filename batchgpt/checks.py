@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import re
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,14 @@ from typing import Any
 from batchgpt.config import JobConfig, ValidateSettings
 from batchgpt.errors import ConfigError
 from batchgpt.files import NotRegularFile, open_regular
+
+log = logging.getLogger("batchgpt")
+
+# A user's regex (validate.regex, a schema's pattern) gets this long on one reply.
+PATTERN_TIMEOUT_S = 1.0
+_slow_patterns: set[str] = set()
+_patterns: dict[str, Any] = {}
+_Validator: Any = None
 
 # The schema quoted in a re-ask is cut here: a model needs its shape, not megabytes.
 MAX_QUOTED_SCHEMA_CHARS = 8000
@@ -108,7 +116,7 @@ class Checks:
         self.json_wanted = settings.json_
         self.schema = schema
         self.deny = deny
-        self.regex = re.compile(settings.regex) if settings.regex is not None else None
+        self.regex = compile_pattern(settings.regex) if settings.regex is not None else None
         self.max_chars = settings.max_chars
         self.finish_reasons = (frozenset(settings.finish_reasons)
                                if settings.finish_reasons is not None else None)
@@ -201,9 +209,17 @@ class Checks:
                                               schema)
                 if rejection is not None:
                     return rejection
-        if self.regex is not None and self.regex.search(content) is None:
-            return Rejection(Reason.REGEX, self.regex.pattern[:200],
-                             f"the reply does not match the pattern {self.regex.pattern!r}")
+        if self.regex is not None:
+            try:
+                matched = self.regex.search(content, timeout=PATTERN_TIMEOUT_S) is not None
+            except TimeoutError:
+                _warn_slow_pattern(self.regex.pattern)
+                return Rejection(Reason.REGEX, self.regex.pattern[:200],
+                                 f"the reply could not be matched against the pattern "
+                                 f"{self.regex.pattern!r} within {PATTERN_TIMEOUT_S:g} s")
+            if not matched:
+                return Rejection(Reason.REGEX, self.regex.pattern[:200],
+                                 f"the reply does not match the pattern {self.regex.pattern!r}")
         if self.deny is not None:
             term = next((t for text in _deny_texts(content, message)
                          if (t := self.deny.find(text)) is not None), None)
@@ -324,10 +340,76 @@ def _schema_key(schema: Mapping[str, Any]) -> str:
     return json.dumps(schema, sort_keys=True)
 
 
-def _validator(schema: Mapping[str, Any]) -> Any:
-    from jsonschema import Draft202012Validator
+def compile_pattern(pattern: str) -> Any:
+    """A user's pattern, compiled with the ``regex`` package (``re``'s syntax, version 0)
+    rather than ``re``: its ``search`` takes a timeout, so a pattern that backtracks
+    catastrophically on some reply (``(a|aa)+$``) rejects that reply instead of blocking
+    the event loop — where even SIGTERM could not stop the run."""
+    import regex
 
-    return Draft202012Validator(schema)
+    return regex.compile(pattern, regex.V0)
+
+
+def _warn_slow_pattern(pattern: str) -> None:
+    if pattern not in _slow_patterns:
+        _slow_patterns.add(pattern)
+        log.warning("the pattern %r took more than %g s on a reply, which is rejected; "
+                    "simplify it (nested repetition such as (a+)+ backtracks exponentially)",
+                    pattern[:200], PATTERN_TIMEOUT_S)
+
+
+def _pattern_keyword(validator: Any, pattern: str, instance: Any, schema: Any
+                     ) -> Iterator[Any]:
+    """JSON Schema's ``pattern``, as jsonschema's own but with a timeout (see
+    :func:`compile_pattern`)."""
+    from jsonschema.exceptions import ValidationError
+
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        found = _cached_pattern(pattern).search(instance, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        _warn_slow_pattern(pattern)
+        yield ValidationError(f"{instance[:80]!r} could not be matched against {pattern!r} "
+                              f"within {PATTERN_TIMEOUT_S:g} s")
+        return
+    if found is None:
+        yield ValidationError(f"{instance[:200]!r} does not match {pattern!r}")
+
+
+def _pattern_properties_keyword(validator: Any, patterns: Mapping[str, Any], instance: Any,
+                                schema: Any) -> Iterator[Any]:
+    """JSON Schema's ``patternProperties``, with the timeout of :func:`_pattern_keyword`
+    (a key that can't be matched in time is taken as not matching)."""
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        compiled = _cached_pattern(pattern)
+        for key, value in instance.items():
+            try:
+                found = compiled.search(key, timeout=PATTERN_TIMEOUT_S)
+            except TimeoutError:
+                _warn_slow_pattern(pattern)
+                found = None
+            if found is not None:
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _cached_pattern(pattern: str) -> Any:
+    compiled = _patterns.get(pattern)
+    if compiled is None:
+        compiled = _patterns[pattern] = compile_pattern(pattern)
+    return compiled
+
+
+def _validator(schema: Mapping[str, Any]) -> Any:
+    global _Validator
+    if _Validator is None:
+        from jsonschema import Draft202012Validator, validators
+
+        _Validator = validators.extend(Draft202012Validator, {
+            "pattern": _pattern_keyword, "patternProperties": _pattern_properties_keyword})
+    return _Validator(schema)
 
 
 def _schema_rejection(validator: Any, instance: Any, schema: Mapping[str, Any]

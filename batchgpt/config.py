@@ -218,9 +218,11 @@ class ValidateSettings(_Strict):
     @classmethod
     def _check_regex(cls, value: str | None) -> str | None:
         if value is not None:
+            import regex  # what batchgpt.checks compiles it with (a search with a timeout)
+
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value, regex.V0)
+            except regex.error as exc:
                 raise SettingError(f"validate.regex does not compile: {exc}") from None
         return value
 

@@ -322,3 +322,32 @@ def test_checks_and_fallbacks_are_refused_in_batch_mode_naming_the_key(
     (key,) = extra
     assert f"{key} works in online mode only" in result.output
     assert sim.stats.requests == 0
+
+
+def test_a_catastrophic_regex_rejects_the_reply_instead_of_blocking_the_run(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    # (a|aa)+$ backtracks exponentially on a run of a's that ends otherwise; the sandbox
+    # echoes the prompt, so the reply holds one. The stdlib's re would block the event
+    # loop (and signals) for ages; the search gives up after PATTERN_TIMEOUT_S.
+    records = [{"id": "slow", "text": "a" * 60 + "!"}]
+    path = job.write(records, prompt="{text}", validate={"regex": "(a|aa)+$", "max_reasks": 0})
+    result = cli("run", path)
+    assert result.exit_code == 3, result.output
+    (failed,) = job.failed()
+    assert failed["error"]["reason"] == "regex"
+    assert "could not be matched" in failed["error"]["message"]
+    assert "simplify it" in result.output
+
+
+def test_a_catastrophic_schema_pattern_rejects_the_reply_instead_of_blocking_the_run(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    schema = {"type": "object", "properties": {"summary": {"type": "string",
+                                                           "pattern": "^(a|aa)+$"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    records = [{"id": "slow", "text": "a" * 60 + "!"}]
+    path = job.write(records, prompt="{text}", params={"max_tokens": 200, "response_format": fmt},
+                     validate={"max_reasks": 0})
+    assert cli("run", path).exit_code == 3
+    (failed,) = job.failed()
+    assert failed["error"]["reason"] == "schema"
+    assert "could not be matched" in failed["error"]["message"]
