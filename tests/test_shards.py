@@ -157,3 +157,21 @@ def test_shared_budget_needs_a_redis(job: JobFiles, sim: Simulator, cli: Any,
     assert result.exit_code == 1
     assert "limits.shared_budget needs a Redis" in result.output
     assert sim.stats.requests == 0
+
+
+def test_a_redis_url_that_is_not_one_is_refused_naming_its_line(job: JobFiles, sim: Simulator,
+                                                                cli: Any) -> None:
+    job.write(articles(3), limits={"redis_url": "http://user:pw-secret@127.0.0.1:6379"})
+    result = cli("run", job.job_path)
+    assert result.exit_code == 1
+    assert "job.yaml:" in result.output and "limits.redis_url must be a redis://" in result.output
+    assert "pw-secret" not in result.output
+    assert sim.stats.requests == 0
+
+
+def test_a_redis_urls_password_is_never_shown() -> None:
+    from batchgpt.limits import redact_url
+
+    assert redact_url("redis://:s3cret@host:6379/0") == "redis://:[REDACTED]@host:6379/0"
+    assert redact_url("rediss://app:s3cret@host/1") == "rediss://app:[REDACTED]@host/1"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -90,7 +90,6 @@ class SharedLimits:
                 await thing.aclose()
             elif isinstance(thing, SharedBudget):
                 thing.close()
-                thing._redis.close()
         await self.redis.aclose()
 
 

@@ -143,13 +143,16 @@ class SharedBudget(Budget):
         self._put()
 
     def close(self) -> None:
-        """The run is over: its reservations (none left) go at once, not at the TTL."""
-        if self._fallback_cap is None:
-            try:
+        """The run is over: its reservations (none left) go at once, not at the TTL; the
+        connection is closed."""
+        try:
+            if self._fallback_cap is None:
                 self._redis.delete(self._run_prefix + self._run_id)
                 self._redis.srem(self._keys[1], self._run_id)
-            except RedisError:
-                pass
+        except RedisError:
+            pass
+        finally:
+            self._redis.close()
 
     # -- internals ---------------------------------------------------------------------------
     def _put(self) -> None:
