@@ -201,3 +201,4 @@ async def test_redis_lost_paces_locally_at_a_share_and_comes_back(
             break
     assert a.on_redis
     assert any("answers again" in r.getMessage() for r in caplog.records)
+    await a.aclose()

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,14 +100,19 @@ def ids(path: Path) -> list[str]:
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[str]) -> None:
-    """Until the run's output holds ``n`` results (or the run ended): a condition, polled."""
+    """Until the run's output holds ``n`` results, or the run ended: a condition in another
+    process, checked each time ``proc.wait`` gives up for a moment (bounded by WAIT_S so a
+    hang fails; no timing is asserted)."""
     out = path.parent / "out" / "results.jsonl"
-    for _ in range(200_000):
-        if proc.poll() is not None:
-            return
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
         if out.exists() and out.read_bytes().count(b"\n") >= n:
             return
-        os.sched_yield()
+        try:
+            proc.wait(timeout=0.02)
+            return  # it ended
+        except subprocess.TimeoutExpired:
+            continue
     raise AssertionError(f"{out} never reached {n} lines")
 
 

@@ -24,7 +24,8 @@ one of its own rows settles. A rerun continues.
 
 **Redis lost mid-run**: the run goes on alone, against its share of what was left when
 Redis last answered (that amount / the runs then holding reservations, itself included),
-says so once, and tries Redis again at most every second.
+says so once, and tries Redis again after 1 s, then 2, 4, … up to a minute (each try is
+a synchronous call: a Redis that times out would block the event loop for its timeout).
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ __all__ = ["BUDGET_LUA", "SharedBudget"]
 
 log = logging.getLogger("batchgpt")
 
-RECONNECT_S = 1.0
+RECONNECT_S = 1.0  # while Redis is lost, the first wait before trying it again; doubling
+MAX_RECONNECT_S = 60.0  # up to this (a Redis that times out blocks the loop for its timeout)
 # Redis sums in doubles; the local accounting is Decimal. A hair of tolerance keeps five
 # $0.001 rows inside a $0.005 cap, as the local budget does.
 _TOLERANCE = 1e-9
 
 #: KEYS = (spend per part (hash), runs (set)); ARGV = (op: admit | put, run id, part,
 #: the part's spend, this run's reservations, worst case, cap, ttl, prefix of run keys).
-#: Returns {admitted (0/1), the job's total spend + reservations, runs holding some}.
+#: Returns {admitted (0/1), the job's spend + reservations, runs holding some, the spend}.
 BUDGET_LUA = """
 local run, prefix = ARGV[2], ARGV[9]
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
@@ -59,6 +61,7 @@ redis.call('SADD', KEYS[2], run)
 local mine = tonumber(ARGV[5])
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+local spent = total
 local holders = 1
 for _, other in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if other ~= run then
@@ -81,7 +84,7 @@ if ARGV[1] == 'admit' then
   end
 end
 redis.call('SET', prefix .. run, string.format('%.17g', mine), 'EX', tonumber(ARGV[8]))
-return {admitted, string.format('%.17g', total + mine), holders}
+return {admitted, string.format('%.17g', total + mine), holders, string.format('%.17g', spent)}
 """.replace("@TOLERANCE@", repr(_TOLERANCE))
 
 
@@ -100,10 +103,20 @@ class SharedBudget(Budget):
         self._ttl = max(1, int(ttl_s))
         self._url = url
         self._total = float(_dec(spent_before))  # the job's spend + reservations, last seen
+        self._spent_all = float(_dec(spent_before))  # the job's spend (all parts), last seen
         self._holders = 1
         self._fallback_cap: Decimal | None = None  # while Redis is lost
         self._retry_at = -math.inf
+        self._backoff = RECONNECT_S
         self.lost = 0
+
+    @property
+    def spent(self) -> float:
+        """What the job was charged, every part's runs included, as Redis last said (this
+        run's own figure while Redis is lost)."""
+        if self._fallback_cap is not None:
+            return super().spent
+        return max(self._spent_all, super().spent)
 
     @property
     def remaining(self) -> float | None:
@@ -162,14 +175,16 @@ class SharedBudget(Budget):
     def _call(self, op: str, worst: Decimal) -> bool | None:
         """One script call: whether it admitted (``put``: True), None if Redis is lost."""
         try:
-            admitted, total, holders = self._script(keys=self._keys, args=[
+            admitted, total, holders, spent = self._script(keys=self._keys, args=[
                 op, self._run_id, self._part, str(self._before + self._run),
                 str(self._reserved), str(worst), str(self.cap), self._ttl, self._run_prefix])
         except RedisError as exc:
             self._lose(exc)
             return None
         self._total = float(total)
+        self._spent_all = float(spent)
         self._holders = max(1, int(holders))
+        self._backoff = RECONNECT_S
         if self._fallback_cap is not None:
             self._fallback_cap = None
             log.warning("Redis at %s answers again: limits.max_cost_usd is shared again",
@@ -177,7 +192,8 @@ class SharedBudget(Budget):
         return bool(int(admitted))
 
     def _lose(self, exc: RedisError) -> None:
-        self._retry_at = time.monotonic() + RECONNECT_S
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(MAX_RECONNECT_S, self._backoff * 2)
         if self._fallback_cap is not None:
             return
         self.lost += 1

@@ -42,8 +42,8 @@ socket timeout; nothing waits on Redis forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -195,7 +195,7 @@ class SharedRateLimiter:
         self._waiting = 0
         self._runs = 1  # runs sharing the limit, as last seen
         self._fallback: RateLimiter | None = None  # pacing while Redis is lost
-        self._retry_at = -math.inf
+        self._probe: asyncio.Task[None] | None = None  # pings a lost Redis
         self._pushes: set[asyncio.Task[Any]] = set()
         self.lost = 0  # times Redis was lost (for tests and the log)
 
@@ -249,7 +249,7 @@ class SharedRateLimiter:
             async with self._lock:
                 while True:
                     fallback = self._fallback
-                    if fallback is not None and self._clock.monotonic() < self._retry_at:
+                    if fallback is not None:
                         await fallback.acquire(tokens)
                         return
                     wait = await self.ask(tokens)
@@ -298,9 +298,15 @@ class SharedRateLimiter:
         self._local.set_limits(rpm, tpm)
 
     async def aclose(self) -> None:
-        """Let the pushes in progress finish (each bounded by the socket timeout)."""
+        """Let the pushes in progress finish (each bounded by the socket timeout); stop
+        pinging a lost Redis."""
         if self._pushes:
             await asyncio.gather(*self._pushes, return_exceptions=True)
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
 
     def __repr__(self) -> str:
         where = "redis" if self._fallback is None else f"local 1/{self._runs}"
@@ -329,13 +335,27 @@ class SharedRateLimiter:
             self._lose(exc)
             return None
         self._runs = max(1, int(runs))
+        self._back()
+        return 0.0 if int(granted) else max(0.0, float(wait))
+
+    def _back(self) -> None:
         if self._fallback is not None:
             self._fallback = None
             log.warning("Redis at %s answers again: the limits are shared again", self._url)
-        return 0.0 if int(granted) else max(0.0, float(wait))
+
+    async def _reconnect(self) -> None:
+        """While Redis is lost, ping it every RECONNECT_S, off the queue's path: a Redis
+        that times out must not hold the head of the queue for its timeout each time."""
+        while self._fallback is not None:
+            await self._clock.sleep(RECONNECT_S)
+            try:
+                await self._redis.ping()
+            except RedisError:
+                continue
+            self._back()
+        self._probe = None
 
     def _lose(self, exc: RedisError) -> None:
-        self._retry_at = self._clock.monotonic() + RECONNECT_S
         if self._fallback is not None:
             return
         self.lost += 1
@@ -347,6 +367,8 @@ class SharedRateLimiter:
         log.warning("lost Redis at %s (%s): pacing this run alone at 1/%d of the limit "
                     "(%s) until it answers again; trying again every %gs", self._url,
                     type(exc).__name__, self._runs, _describe(rpm, tpm, share), RECONNECT_S)
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._reconnect())
 
     def _push(self, script: Any, *args: str) -> None:
         """Run a script in the background (observe and pause are not async)."""
