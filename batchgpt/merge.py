@@ -26,6 +26,7 @@ from pathlib import Path
 
 from batchgpt.config import JobConfig
 from batchgpt.errors import StateError
+from batchgpt.files import nonblank_lines
 from batchgpt.pricing import Usage
 from batchgpt.shard import Shard, part_job
 from batchgpt.store.lock import JobLock, now_iso
@@ -157,20 +158,13 @@ def _merge_lines(sources: list[Path], target: Path) -> tuple[int, int]:
 
 def _lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
     """(line number, custom_id, raw line) of each line of a part's file (none if absent)."""
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        return
-    with fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                custom_id = json.loads(raw)["custom_id"]
-            except (ValueError, KeyError, TypeError):
-                raise StateError(f"{path}:{number}: not a result line; run that part once "
-                                 "more (it repairs its files), then merge") from None
-            yield number, str(custom_id), raw
+    for number, raw in nonblank_lines(path):
+        try:
+            custom_id = json.loads(raw)["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            raise StateError(f"{path}:{number}: not a result line; run that part once more "
+                             "(it repairs its files), then merge") from None
+        yield number, str(custom_id), raw
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -31,6 +31,7 @@ from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
 from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_credentials, sent_no_key
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
+from batchgpt.files import nonblank_lines
 from batchgpt.limits import SharedLimits, connect, make_budget, make_limiter
 from batchgpt.logs import event
 from batchgpt.plan import Plan, make_plan, not_in_input, row_check
@@ -120,22 +121,15 @@ class RunResult:
 def _read_lines(path: Path | None) -> Iterator[dict[str, Any]]:
     if path is None:
         return
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        return
-    with fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = None
-            if not isinstance(line, dict):
-                raise StateError(f"{path}:{number}: not a result line; the next run of the job "
-                                 "sets such lines aside and repairs the file")
-            yield line
+    for number, raw in nonblank_lines(path):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if not isinstance(line, dict):
+            raise StateError(f"{path}:{number}: not a result line; the next run of the job "
+                             "sets such lines aside and repairs the file")
+        yield line
 
 
 class Slots:
