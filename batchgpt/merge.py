@@ -80,7 +80,7 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
     for index in range(count):
         shard = Shard(index, count)
         part = part_job(job, shard)
-        rerun = f"`batchgpt run JOB --shard {shard}`"
+        rerun = f"`batchgpt run {job.where()} --shard {shard}`"
         holder = JobLock.holder(part.state_dir)
         if holder is not None:
             incomplete.append(f"{shard} (running now: {holder})")

@@ -656,6 +656,9 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         # anything is set aside.
         plan = make_plan(job, source, None if options.fresh else store,
                          retry_failed=options.retry_failed, limit=options.limit)
+        if options.shard is not None:
+            log.info("--shard %s: only the rows whose id hashes to part %d of %d, into %s",
+                     options.shard, options.shard.index, options.shard.count, job.output)
         # --fresh sets the earlier results, and what they cost, aside with the job.
         spent_before = _spent_before(job, plan, None if options.fresh else store)
         orphans = 0 if options.fresh else not_in_input(store.totals().results, plan.with_result)
