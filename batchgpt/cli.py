@@ -29,6 +29,7 @@ from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.redact import Redactor
 from batchgpt.runner import RunOptions, run_job
+from batchgpt.shard import Shard
 
 if TYPE_CHECKING:
     from batchgpt.simulator import SimulatorConfig
@@ -229,10 +230,15 @@ def run(
     wait: Annotated[bool, typer.Option(
         "--wait", help="mode: batch: poll the provider until every row is settled.")
                     ] = False,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="K/N", help="Run only part K of N (from 0): the rows whose id "
+        "hashes to K, into the part's own output, checkpoint and lock (`batchgpt merge JOB` "
+        "joins the parts).")] = None,
 ) -> None:
     """Run a job, or resume it: rows that already succeeded are never sent again."""
     if log_format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--log-format")
+    part = _shard(shard)
     try:
         setup_logging(log_format, log_file, verbose)
     except OSError as exc:  # said on stderr alone, in the chosen format
@@ -254,7 +260,7 @@ def run(
                              "(moved to a .previous-<time> file) and start over?"):
             raise typer.Exit(ExitCode.ERROR)
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
-                         dry_run=dry_run, handle_signals=True, wait=wait)
+                         dry_run=dry_run, handle_signals=True, wait=wait, shard=part)
     if sandbox_faults or sandbox_denied_terms or sandbox_fail_models:
         if not sandbox:
             raise typer.BadParameter("needs --sandbox", param_hint="--sandbox-faults, "
@@ -303,8 +309,31 @@ def run(
     event(log, logging.INFO if result.exit_code == 0 else logging.WARNING, "outcome", "%s",
           result.message, outcome=result.outcome.value, exit_code=int(result.exit_code),
           stopped=None if result.report.stopped is None else result.report.stopped.value,
-          output=str(job.output))
+          output=str(result.output or job.output))
     raise typer.Exit(result.exit_code)
+
+
+def _shard(text: str | None) -> Shard | None:
+    """``--shard K/N``, checked (0 ≤ K < N): a usage error (exit 2) otherwise."""
+    if text is None:
+        return None
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--shard "),
+                                 param_hint="--shard") from None
+
+
+@app.command()
+@_guarded
+def merge(job_path: JobArg) -> None:
+    """Join the parts of a sharded job (`run --shard K/N`) into its output, failures and
+    summary, each id once; refuses while parts are missing or incomplete."""
+    setup_logging("text", None, False)
+    from batchgpt.merge import merge as merge_parts
+
+    job = _load(job_path)
+    log.info("%s", merge_parts(job).describe())
 
 
 @app.command()

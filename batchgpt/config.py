@@ -118,6 +118,21 @@ class Limits(_Strict):
     batch_queue_tokens: PositiveInt | None = Field(
         None, le=10**12, description="mode: batch: the most prompt tokens enqueued at the "
         "provider at once (its enqueued-token limit for the model).")
+    redis_url: str | None = Field(
+        None, description="Share rpm/tpm (and, with shared_budget, max_cost_usd) with every "
+        "run on the same account and model through this Redis (redis://, rediss://, unix://; "
+        "default: $BATCHGPT_REDIS_URL; none: this run paces alone).")
+    shared_budget: bool = Field(
+        False, description="max_cost_usd holds across every run of this job that shares the "
+        "Redis (the parts of a sharded job).")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingError("limits.redis_url must be a redis://, rediss:// or unix:// "
+                               "URL (e.g. redis://127.0.0.1:6379/0)")
+        return value
 
 
 class BatchSettings(_Strict):

@@ -13,6 +13,8 @@ import io
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class NotRegularFile(OSError):
@@ -53,3 +55,16 @@ def probe_writable(folder: str | os.PathLike[str], name: str) -> None:
     fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".probe", dir=folder)
     os.close(fd)
     os.unlink(probe)
+
+
+def nonblank_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of each line of a JSONL file that is not blank; nothing
+    when the file does not exist (a job that wrote no result yet)."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            if raw.strip():
+                yield number, raw

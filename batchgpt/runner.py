@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
-from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
+from batchgpt.budget import Reservation, Verdict, billed_model, unpriced, worst_case
 from batchgpt.checks import Checks, Rejection, reask_messages
 from batchgpt.clock import Clock, SystemClock
 from batchgpt.config import JobConfig
 from batchgpt.credentials import OPENAI_BASE_URL, no_key_message, resolve_credentials, sent_no_key
 from batchgpt.errors import BatchGPTError, ConfigError, ExitCode, RequestTooLarge, StateError
-from batchgpt.limiter import RateLimiter
+from batchgpt.files import nonblank_lines
+from batchgpt.limits import SharedLimits, connect, make_budget, make_limiter
 from batchgpt.logs import event
 from batchgpt.plan import Plan, make_plan, not_in_input, planned_rows
 from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
@@ -41,6 +42,7 @@ from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide, fallback_chain, falls_back
+from batchgpt.shard import Shard, part_job, shard_input
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, Totals, encode_line, now_iso
 from batchgpt.store.batches import rows_by_mode
@@ -79,6 +81,7 @@ class RunOptions:
     # by calling handler(signal.SIGTERM), without sending a signal to the whole process.
     expose_signal_handler: Callable[[Callable[[int], None]], None] | None = None
     wait: bool = False  # mode: batch: poll until every row is settled (--wait)
+    shard: Shard | None = None  # --shard K/N: only this part's rows, into its own files
 
 
 @dataclass
@@ -122,22 +125,15 @@ class RunResult:
 def _read_lines(path: Path | None) -> Iterator[dict[str, Any]]:
     if path is None:
         return
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        return
-    with fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = None
-            if not isinstance(line, dict):
-                raise StateError(f"{path}:{number}: not a result line; the next run of the job "
-                                 "sets such lines aside and repairs the file")
-            yield line
+    for number, raw in nonblank_lines(path):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if not isinstance(line, dict):
+            raise StateError(f"{path}:{number}: not a result line; the next run of the job "
+                             "sets such lines aside and repairs the file")
+        yield line
 
 
 class Slots:
@@ -189,7 +185,8 @@ class _Run:
 
     def __init__(self, job: JobConfig, options: RunOptions, store: Store, plan: Plan,
                  source: InputFile, clock: Clock, spent_before: float = 0.0,
-                 checks: Checks | None = None) -> None:
+                 checks: Checks | None = None,
+                 shared: SharedLimits | None = None) -> None:
         self.job = job
         self.checks = checks
         self.missing_models: set[str] = set()  # fallback jobs: models found not to exist
@@ -200,7 +197,7 @@ class _Run:
         self.clock = clock
         self.stats = RunStats()
         lim = job.limits
-        self.limiter = RateLimiter(lim.rpm, lim.tpm, clock=clock)
+        self.limiter = make_limiter(job, clock, shared)
         self.cap = lim.concurrency or DEFAULT_MAX_CONCURRENCY
         self.slots = Slots(self._initial_concurrency())
         self.stop_reason: StopReason | None = None
@@ -211,7 +208,7 @@ class _Run:
         self.waiting_tasks: set[asyncio.Task[None]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.latency_ema: float | None = None
-        self.budget = Budget(lim.max_cost_usd, spent_before)
+        self.budget = make_budget(job, spent_before, shared)
         self.settled = asyncio.Event()  # a reservation came back: the dispatcher may retry
         self.allowance = 0.0  # in-flight spend on record in the index (capped runs)
         self.breaker = CircuitBreaker.for_job(job, threshold_for(self.cap))
@@ -797,6 +794,8 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     """Run (or resume) a job. Raises BatchGPTError for anything that stops it from
     running at all; everything else ends in a RunResult with an exit code."""
     options = options or RunOptions()
+    job = part_job(job, options.shard)
+    shared: SharedLimits | None = None  # Redis, when the limits are shared through it
     checks = Checks.for_job(job)  # files read, schema and regex compiled: before anything
     store = Store(job)
     if options.dry_run:
@@ -806,11 +805,14 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     else:
         store.open()
     try:
-        source = InputFile(job)
+        source = shard_input(job, options.shard)
         # --fresh plans as if nothing was done, which validates the whole input before
         # anything is set aside.
         plan = make_plan(job, source, None if options.fresh else store,
                          retry_failed=options.retry_failed, limit=options.limit)
+        if options.shard is not None:
+            log.info("--shard %s: only the rows whose id hashes to part %d of %d, into %s",
+                     options.shard, options.shard.index, options.shard.count, job.output)
         # --fresh sets the earlier results, and what they cost, aside with the job.
         spent_before = _spent_before(job, plan, None if options.fresh else store)
         orphans = 0 if options.fresh else not_in_input(store.totals().results, plan.with_result)
@@ -845,16 +847,19 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)
+        shared = await connect(job, credentials) if plan.to_send else None
         moved: list[tuple[Path, Path]] = []
         if options.fresh:
             moved = store.set_aside_previous()
             for src, dst in moved:
                 log.info("--fresh: moved %s to %s", src, dst)
         result = await _execute(job, options, store, plan, source, spent_before, credentials,
-                                checks)
+                                checks, shared)
         result.set_aside = moved
         return result
     finally:
+        if shared is not None:
+            await shared.aclose()
         store.close()
 
 
@@ -909,13 +914,14 @@ def _spent_before(job: JobConfig, plan: Plan, store: Store | None) -> float:
 async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
                    source: InputFile, spent_before: float,
                    credentials: tuple[str | None, str] | None,
-                   checks: Checks | None = None) -> RunResult:
+                   checks: Checks | None = None,
+                   shared: SharedLimits | None = None) -> RunResult:
     """Send the plan's rows. ``credentials``: (base URL, key) as :func:`run_job` resolved
     them, None with ``--sandbox`` (the simulator's) or nothing to send."""
     clock = options.clock or SystemClock()
     started_at = now_iso()
     t0 = clock.monotonic()
-    run = _Run(job, options, store, plan, source, clock, spent_before, checks)
+    run = _Run(job, options, store, plan, source, clock, spent_before, checks, shared)
     store.start_run()
     describe = (f"{plan.rows} rows: {plan.done} done before, {plan.to_send} to send "
                 f"({plan.new} new, {plan.retrying} retried, {plan.changed} changed since their "

@@ -375,9 +375,10 @@ def set_burst(burst_s: float) -> None:
     fix; batchgpt's own default is untouched on disk)."""
     import functools
 
-    from batchgpt import limiter, runner
+    from batchgpt import limiter, limits
 
-    runner.RateLimiter = functools.partial(limiter.RateLimiter,  # type: ignore[misc]
+    # The runner builds its limiter through batchgpt.limits.make_limiter.
+    limits.RateLimiter = functools.partial(limiter.RateLimiter,  # type: ignore[misc]
                                            burst_s=burst_s)
 
 
