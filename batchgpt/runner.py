@@ -797,16 +797,17 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
                 event(log, logging.INFO, "sandbox", "sandbox: built-in simulator at %s (no API "
                       "key used)", sandbox_url, job=job.job_name, url=sandbox_url)
                 credentials = resolve_credentials(job.api, sandbox_url)
-            from batchgpt.client import ChatClient
+            from batchgpt.transport import make_client
 
             assert credentials is not None, "run_job resolves them when there is a row to send"
             base_url, key = credentials
             run.base_url = base_url or OPENAI_BASE_URL
             run.sent_no_key = sent_no_key(key)
             run.redact = run.redact.with_secrets(key)
-            run.client = ChatClient(base_url=base_url, api_key=key, timeout_s=job.timeout_s,
-                                    max_connections=run.cap, organization=job.api.organization,
-                                    project=job.api.project, redact=run.redact)
+            run.client = make_client(job.api.transport, base_url=base_url, api_key=key,
+                                     timeout_s=job.timeout_s, max_connections=run.cap,
+                                     organization=job.api.organization,
+                                     project=job.api.project, redact=run.redact)
             if options.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     with contextlib.suppress(NotImplementedError, RuntimeError):

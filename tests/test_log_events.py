@@ -272,18 +272,18 @@ def test_the_runners_own_signal_handling_is_untouched_once_sending_starts(
     with the run's summary (not the CLI's planning handler)."""
     import os
 
-    from batchgpt.client import ChatClient
+    from batchgpt.transport import LeanClient
 
-    real = ChatClient.complete
+    real = LeanClient.complete  # the default api.transport's client
     sent = []
 
-    async def complete(self: ChatClient, body: Any) -> Any:
+    async def complete(self: LeanClient, body: Any) -> Any:
         if not sent:
             os.kill(os.getpid(), signal.SIGTERM)
         sent.append(body)
         return await real(self, body)
 
-    monkeypatch.setattr(ChatClient, "complete", complete)
+    monkeypatch.setattr(LeanClient, "complete", complete)
     path = job.write(articles(20), limits={"concurrency": 1})
     result = cli("run", path, "--log-format", "json")
     assert result.exit_code == 143, result.output
