@@ -28,7 +28,6 @@ from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
 from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.redact import Redactor
-from batchgpt.runner import RunOptions, run_job
 
 app = typer.Typer(
     add_completion=False,
@@ -237,6 +236,8 @@ def run(
         if not typer.confirm(f"Set every result of {job.job_name} in {job.output} aside "
                              "(moved to a .previous-<time> file) and start over?"):
             raise typer.Exit(ExitCode.ERROR)
+    from batchgpt.runner import RunOptions, run_job  # not at import: status, --version
+
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
                          dry_run=dry_run, handle_signals=True)
     live = None

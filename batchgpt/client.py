@@ -28,9 +28,12 @@ from typing import Any
 import httpx2  # the openai SDK's HTTP layer, installed with it
 import openai
 
+from batchgpt.limiter import CASE_INSENSITIVE
 from batchgpt.redact import Redactor
 from batchgpt.retry import Failure, Kind
 from batchgpt.source import has_surrogate
+
+CASE_INSENSITIVE.add(httpx2.Headers)
 
 
 @dataclass(frozen=True, slots=True)

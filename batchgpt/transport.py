@@ -34,8 +34,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from batchgpt.client import Attempt, ChatClient, _human, status_failure
+from batchgpt.limiter import CASE_INSENSITIVE
 from batchgpt.retry import Failure, Kind
 
 log = logging.getLogger("batchgpt")
@@ -44,6 +46,7 @@ PATH = "/chat/completions"
 # Headers the HTTP layer sets itself per request; everything else the SDK built is sent.
 _PER_REQUEST = frozenset({"content-length", "transfer-encoding", "host"})
 
+CASE_INSENSITIVE.add(CIMultiDictProxy)  # aiohttp's response headers
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 

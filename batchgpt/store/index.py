@@ -532,7 +532,9 @@ class Index:
                       r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_tokens,
                       r.usage.reasoning_tokens, run_id, now, r.tag) for r in results],
                 )
-                db.executemany("DELETE FROM failures WHERE custom_id = ?", [(i,) for i in ids])
+                if db.execute("SELECT 1 FROM failures LIMIT 1").fetchone() is not None:
+                    db.executemany("DELETE FROM failures WHERE custom_id = ?",
+                                   [(i,) for i in ids])
                 self._add_spend(results)
             if failures:
                 db.executemany(
