@@ -7,7 +7,8 @@ writable plan without problems, the index's ``meta`` keeps a record of the longe
 of leading rows that succeeded for their very request:
 
 - ``end``/``lines``/``rows``: where that prefix ends (a line boundary), its lines, rows;
-- ``sha256``: the SHA-256 of the input's bytes before ``end`` (0.14 s for 231 MB here);
+- ``blake3``: the BLAKE3 hash of the input's bytes before ``end`` (a cryptographic hash,
+  0.05 s for 231 MB here, against 0.25 s for SHA-256);
 - ``settings``: a hash of everything that shapes a row from a line (the job's fields but
   its limits, retry, timeout, api, pricing and on_change; batchgpt's version; Python's
   limits on parsing), so a changed template, model or params is a changed prefix;
@@ -36,6 +37,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from blake3 import blake3
+
 from batchgpt.source import Form, InputFile, ResumeAt, ScannedRow
 
 if TYPE_CHECKING:
@@ -44,11 +47,11 @@ if TYPE_CHECKING:
 
 META_KEY = "verified_prefix"
 EPOCH_KEY = "done_epoch"
-FORMAT = 1
+FORMAT = 2  # 2: BLAKE3 instead of SHA-256
 # Job settings that do not shape a row from its line (what is sent, and whether the line
 # is valid); a change of any other setting means a full scan.
 NOT_ROW_SHAPING = frozenset({"limits", "retry", "timeout_s", "api", "pricing", "on_change"})
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20
 
 _BUMP = (f"INSERT INTO meta (key, value) VALUES ('{EPOCH_KEY}', '1') ON CONFLICT(key) "
          "DO UPDATE SET value = CAST(value AS INTEGER) + 1;")
@@ -73,7 +76,7 @@ class Record:
     rows: int
     form: str
     first: int
-    sha256: str
+    blake3: str
     settings: str
     epoch: str | None
     format: int = FORMAT
@@ -84,7 +87,7 @@ class Trusted:
     """A prefix found unchanged, and the hash of its bytes (to extend it)."""
 
     record: Record
-    digest: Any  # hashlib sha256 object over the input's bytes before record.end
+    digest: Any  # a blake3 hasher over the input's bytes before record.end
 
     @property
     def resume(self) -> ResumeAt:
@@ -167,19 +170,29 @@ def _read(store: Store) -> Record | None:
 
 
 def _hash_prefix(source: InputFile, end: int) -> Any | None:
-    """SHA-256 of the input's first ``end`` bytes, or None when it is shorter."""
-    digest = hashlib.sha256()
+    """BLAKE3 of the input's first ``end`` bytes, or None when the file is shorter. Read
+    into one reused buffer: mapping the file instead would count its pages in the
+    process's peak RSS (231 MB for a million rows)."""
+    digest = blake3()
     with open(source.path, "rb") as fh:
         if os.fstat(fh.fileno()).st_size < end:
             return None
-        left = end
-        while left:
-            chunk = fh.read(min(_CHUNK, left))
-            if not chunk:
-                return None
-            digest.update(chunk)
-            left -= len(chunk)
+        if not _feed(digest, fh, end):
+            return None
     return digest
+
+
+def _feed(digest: Any, fh: Any, size: int) -> bool:
+    """Hash the next ``size`` bytes of ``fh``; False if the file ends before."""
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while size > 0:
+        got = fh.readinto(view[:min(_CHUNK, size)])
+        if not got:
+            return False
+        digest.update(view[:got])
+        size -= got
+    return True
 
 
 def trusted(job: JobConfig, source: InputFile, store: Store) -> Trusted | None:
@@ -194,7 +207,7 @@ def trusted(job: JobConfig, source: InputFile, store: Store) -> Trusted | None:
         digest = _hash_prefix(source, record.end)
     except OSError:  # the scan reports it
         return None
-    if digest is None or digest.hexdigest() != record.sha256:
+    if digest is None or digest.hexdigest() != record.blake3:
         return None
     return Trusted(record, digest)
 
@@ -249,7 +262,7 @@ def _new_record(job: JobConfig, source: InputFile, store: Store,
             left = end - old.record.end
             form, first = old.record.form, old.record.first
         else:
-            digest = hashlib.sha256()
+            digest = blake3()
             left = end
             assert tracker.first is not None
             fh.seek(tracker.first.offset)
@@ -262,11 +275,7 @@ def _new_record(job: JobConfig, source: InputFile, store: Store,
                 return None
             form = found
             fh.seek(0)
-        while left > 0:
-            chunk = fh.read(min(_CHUNK, left))
-            if not chunk:
-                return None  # cut meanwhile: record nothing
-            digest.update(chunk)
-            left -= len(chunk)
+        if not _feed(digest, fh, left):
+            return None  # cut meanwhile: record nothing
     return Record(end=end, lines=lines, rows=tracker.rows, form=form, first=first,
-                  sha256=digest.hexdigest(), settings=settings_key(job), epoch=None)
+                  blake3=digest.hexdigest(), settings=settings_key(job), epoch=None)

@@ -98,6 +98,9 @@ CREATE TABLE IF NOT EXISTS spend (
     reasoning_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+-- Results taken over without a request hash, found without reading every result (each
+-- plan, status and dry run asks whether there are any).
+CREATE INDEX IF NOT EXISTS results_unadopted ON results (custom_id) WHERE req_hash IS NULL;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started_at TEXT NOT NULL,
