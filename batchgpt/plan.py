@@ -69,6 +69,9 @@ class Plan:
     # own): one entry per distinct model, so an unpriced one is refused before sending.
     by_model: dict[str, ModelLoad] = field(default_factory=dict)
     models_overflow: int = 0  # rows to send naming a model beyond the first MAX_MODELS
+    # What batchgpt.prefix needs to extend the verified prefix once the run has sent the
+    # rows (a writable plan's; None otherwise).
+    verified: prefix.Tracker | None = field(default=None, repr=False, compare=False)
 
     @property
     def to_send(self) -> int:
@@ -129,6 +132,7 @@ def make_plan(
         )
     if store is not None and not store.dry:
         prefix.remember(job, source, store, tracker)
+        plan.verified = tracker
     return plan
 
 

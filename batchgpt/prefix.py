@@ -106,11 +106,15 @@ class Tracker:
         self.first: ScannedRow | None = None  # the file's first valid row (full scans)
         self.last: ScannedRow | None = None  # the prefix's last row
         self.stop: ScannedRow | None = None  # the first row not done
+        self.scanned: ScannedRow | None = None  # the last row the scan read
         self.before = _identity(source)  # the input as the scan starts reading it
+        self.epoch: int | None = None  # the index's done_epoch once planned (None: unknown)
 
     def batch(self, rows: list[ScannedRow], leading_done: int) -> None:
         if self.first is None and self.trusted is None and rows:
             self.first = rows[0]
+        if rows:
+            self.scanned = rows[-1]
         if not self.open:
             return
         self.rows += leading_done
@@ -224,37 +228,75 @@ def check_tail(store: Store, rows: list[ScannedRow]) -> None:
 
 
 def remember(job: JobConfig, source: InputFile, store: Store, tracker: Tracker) -> None:
-    """After a writable plan without problems: record the prefix it found (when it is
-    new or longer), with the triggers that keep the epoch."""
+    """After a writable plan without problems: install the triggers that keep the epoch
+    (so the run's own changes to the results are counted from here on), note the epoch,
+    and record the prefix the plan found when it is new or longer."""
+    index = store.index
+    with index.transaction() as db:
+        for name, body in TRIGGERS.items():
+            db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
+    tracker.epoch = _epoch_number(store)
     old = tracker.trusted
     if tracker.rows < 1 or (old is not None and tracker.rows == old.record.rows):
         return
+    assert tracker.last is not None
+    _write(job, source, store, tracker, tracker.stop, tracker.last, tracker.rows)
+
+
+def after_run(job: JobConfig, source: InputFile, store: Store, plan: Any, *, ok: bool,
+              succeeded: int, replaced: int) -> None:
+    """After a run that sent every row its plan had to send, and each one succeeded: the
+    whole input as planned is done, so the prefix extends to its end — the next run
+    reads only what is appended after. ``ok``: the run stopped for no reason and every
+    result is in the index; ``replaced``: results this run replaced (each moved the
+    epoch once, through the trigger). Anything else that moved the epoch meanwhile, a
+    changed input, or a row not done, and nothing is recorded."""
+    tracker: Tracker | None = getattr(plan, "verified", None)
+    if tracker is None or tracker.epoch is None or tracker.scanned is None or not ok:
+        return
+    if not plan.to_send or succeeded != plan.to_send or plan.changed_kept:
+        return
+    if plan.done + succeeded != plan.rows or plan.rows < 1:
+        return
+    if _epoch_number(store) != tracker.epoch + replaced:
+        return
+    _write(job, source, store, tracker, None, tracker.scanned, plan.rows)
+
+
+def _epoch_number(store: Store) -> int:
     try:
-        record = _new_record(job, source, store, tracker)
+        return int(_epoch(store) or 0)
+    except ValueError:
+        return -1
+
+
+def _write(job: JobConfig, source: InputFile, store: Store, tracker: Tracker,
+           stop: ScannedRow | None, last: ScannedRow, rows: int) -> None:
+    """Record the prefix of ``rows`` rows ending before ``stop`` (or after ``last``'s
+    line), if the input did not change since the plan began reading it."""
+    try:
+        record = _new_record(job, source, tracker, stop, last, rows)
     except OSError:
         return
     if record is None or tracker.before is None or _identity(source) != tracker.before:
         return
     index = store.index
-    with index.transaction() as db:
-        for name, body in TRIGGERS.items():
-            db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {body}")
+    with index.transaction():
         record = Record(**{**asdict(record), "epoch": _epoch(store)})
         index.set_meta(**{META_KEY: json.dumps(asdict(record))})
 
 
-def _new_record(job: JobConfig, source: InputFile, store: Store,
-                tracker: Tracker) -> Record | None:
+def _new_record(job: JobConfig, source: InputFile, tracker: Tracker,
+                stop: ScannedRow | None, last: ScannedRow, rows: int) -> Record | None:
     with open(source.path, "rb") as fh:
-        if tracker.stop is not None:
-            end, lines = tracker.stop.offset, tracker.stop.line - 1
+        if stop is not None:
+            end, lines = stop.offset, stop.line - 1
         else:  # every row done: the prefix ends after the last row's line
-            assert tracker.last is not None
-            fh.seek(tracker.last.offset)
+            fh.seek(last.offset)
             raw = fh.readline()
             if not raw.endswith(b"\n"):  # an unfinished line may yet grow
                 return None
-            end, lines = tracker.last.offset + len(raw), tracker.last.line
+            end, lines = last.offset + len(raw), last.line
         old = tracker.trusted
         if old is not None:
             digest = old.digest.copy()
@@ -277,5 +319,5 @@ def _new_record(job: JobConfig, source: InputFile, store: Store,
             fh.seek(0)
         if not _feed(digest, fh, left):
             return None  # cut meanwhile: record nothing
-    return Record(end=end, lines=lines, rows=tracker.rows, form=form, first=first,
+    return Record(end=end, lines=lines, rows=rows, form=form, first=first,
                   blake3=digest.hexdigest(), settings=settings_key(job), epoch=None)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgpt import prefix
 from batchgpt.breaker import CircuitBreaker, State, assess, threshold_for
 from batchgpt.budget import Budget, Reservation, Verdict, billed_model, unpriced, worst_case
 from batchgpt.clock import Clock, SystemClock
@@ -839,6 +840,9 @@ async def _execute(job: JobConfig, options: RunOptions, store: Store, plan: Plan
         if sim is not None:
             await sim.stop()
     store.finalize()
+    prefix.after_run(job, source, store, plan, ok=run.stop_reason is None and (
+        store.writer is None or store.writer.healthy), succeeded=run.stats.succeeded,
+        replaced=store.writer.replaced if store.writer is not None else 0)
     return await _report(job, store, plan, run, started_at, clock.monotonic() - t0)
 
 

@@ -259,16 +259,75 @@ def test_status_and_the_dry_run_use_the_prefix_and_count_the_same(
     assert_same_plan_as_the_full_scan(path)
 
 
-def test_the_prefix_grows_once_the_appended_rows_are_done(
+def test_a_run_that_finishes_every_row_extends_the_prefix_to_the_end_of_its_input(
     job: JobFiles, sim: Simulator, cli: Any, scans: list[ResumeAt | None]
 ) -> None:
-    """Appended rows that were sent have results: the next plan cannot tell them from
-    repeats of prefix ids without reading everything, so it reads everything once and
-    records the longer prefix."""
+    """The nightly pattern: rows appended, a run sends them; the next run reads only what
+    was appended after that — never the whole file again."""
     path = _done_job(job, cli)
     write_jsonl(job.input, articles(25))
     assert cli("run", path).exit_code == 0
+    size = job.input.stat().st_size
     scans.clear()
     assert cli("run", path).exit_code == 0
+    assert scans == [ResumeAt(size, 25, "template", 1)]
+
+    write_jsonl(job.input, articles(30))
+    sent = sim.stats.requests
+    scans.clear()
     assert cli("run", path).exit_code == 0
-    assert scans[-1] == ResumeAt(job.input.stat().st_size, 25, "template", 1)
+    assert [s.offset if s else None for s in scans] == [size]
+    assert sim.stats.requests == sent + 5
+    assert_same_plan_as_the_full_scan(path)
+
+
+def test_a_row_that_failed_is_never_inside_the_prefix(
+    job: JobFiles, sim: Simulator, cli: Any, scans: list[ResumeAt | None]
+) -> None:
+    """The prefix ends before the first row not done. The rows after a failed one have
+    results, which the tail check cannot tell from repeats of prefix ids: the next run
+    reads the whole input (and sends nothing)."""
+    path = _done_job(job, cli)
+    size = job.input.stat().st_size
+    write_jsonl(job.input, [*articles(20), {"id": "p1", "text": "__POISON__"},
+                            *articles(2, start=21)])
+    assert cli("run", path).exit_code == 3
+    sent = sim.stats.requests
+    scans.clear()
+    assert cli("run", path).exit_code == 3  # the failed row is kept failed, not sent
+    assert [s.offset if s else None for s in scans] == [size, None]
+    assert sim.stats.requests == sent
+    plan = assert_same_plan_as_the_full_scan(path)
+    assert plan.failed_kept == 1 and plan.done == 22
+
+
+def test_a_run_that_resends_changed_rows_still_extends_the_prefix(
+    job: JobFiles, sim: Simulator, cli: Any, scans: list[ResumeAt | None]
+) -> None:
+    """Its own replaced results move the epoch by exactly their number: that is not
+    taken for a change made behind its back."""
+    path = _done_job(job, cli)
+    records = articles(20)
+    records[3]["text"] += " Corrected."
+    write_jsonl(job.input, records)
+    sent = sim.stats.requests
+    assert cli("run", path).exit_code == 0
+    assert sim.stats.requests == sent + 1
+    scans.clear()
+    assert cli("run", path).exit_code == 0
+    assert scans == [ResumeAt(job.input.stat().st_size, 20, "template", 1)]
+
+
+def test_a_lost_output_means_the_full_scan_and_every_row_is_sent_again(
+    job: JobFiles, sim: Simulator, cli: Any, scans: list[ResumeAt | None]
+) -> None:
+    """The results are gone with the output: the run's repair removes them from the
+    index (which moves the epoch), so the prefix recorded before is not trusted."""
+    path = _done_job(job, cli)
+    job.output.unlink()
+    sent = sim.stats.requests
+    scans.clear()
+    assert cli("run", path).exit_code == 0
+    assert scans[0] is None
+    assert sim.stats.requests == sent + 20
+    assert len(job.results()) == 20
