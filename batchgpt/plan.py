@@ -153,13 +153,13 @@ def _scan(job: JobConfig, source: InputFile, store: Store | None, retry_failed: 
         batch.append(scanned)
         if len(batch) >= BATCH:
             if known is not None and store is not None:
-                prefix.check_tail(store, batch)
+                prefix.check_tail(store, known.record, batch)
             tracker.batch(batch, _classify(job, store, batch, plan, retry_failed, limit,
                                            adopt))
             batch = []
     if batch:
         if known is not None and store is not None:
-            prefix.check_tail(store, batch)
+            prefix.check_tail(store, known.record, batch)
         tracker.batch(batch, _classify(job, store, batch, plan, retry_failed, limit, adopt))
     return plan, tracker
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 META_KEY = "verified_prefix"
 EPOCH_KEY = "done_epoch"
-FORMAT = 2  # 2: BLAKE3 instead of SHA-256
+FORMAT = 3  # 2: BLAKE3 instead of SHA-256; 3: the last run's id
 # Job settings that do not shape a row from its line (what is sent, and whether the line
 # is valid); a change of any other setting means a full scan.
 NOT_ROW_SHAPING = frozenset({"limits", "retry", "timeout_s", "api", "pricing", "on_change"})
@@ -79,6 +79,7 @@ class Record:
     blake3: str
     settings: str
     epoch: str | None
+    run: int = 0  # the last run's id when recorded: later results are not the prefix's
     format: int = FORMAT
 
 
@@ -216,13 +217,17 @@ def trusted(job: JobConfig, source: InputFile, store: Store) -> Trusted | None:
     return Trusted(record, digest)
 
 
-def check_tail(store: Store, rows: list[ScannedRow]) -> None:
-    """Raise :class:`Fallback` if a row after the prefix has a result in the index: it
-    may repeat a prefix row's id, which only the full scan can tell."""
+def check_tail(store: Store, record: Record, rows: list[ScannedRow]) -> None:
+    """Raise :class:`Fallback` if a row after the prefix has a result in the index that
+    was there when the prefix was recorded (or taken over from the output since): it
+    may repeat a prefix row's id, which only the full scan can tell. A result a later
+    run wrote (its run id is higher) is that row's own: a prefix row's result cannot be
+    replaced without moving the epoch."""
     ids = [r.custom_id for r in rows]
     marks = ",".join("?" * len(ids))
     hit = store.index.db.execute(
-        f"SELECT 1 FROM results WHERE custom_id IN ({marks}) LIMIT 1", ids).fetchone()
+        f"SELECT 1 FROM results WHERE custom_id IN ({marks}) "
+        "AND (run_id IS NULL OR run_id <= ?) LIMIT 1", [*ids, record.run]).fetchone()
     if hit is not None:
         raise Fallback
 
@@ -282,7 +287,9 @@ def _write(job: JobConfig, source: InputFile, store: Store, tracker: Tracker,
         return
     index = store.index
     with index.transaction():
-        record = Record(**{**asdict(record), "epoch": _epoch(store)})
+        last_run = index.db.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+        record = Record(**{**asdict(record), "epoch": _epoch(store),
+                           "run": int(last_run or 0)})
         index.set_meta(**{META_KEY: json.dumps(asdict(record))})
 
 

@@ -319,9 +319,10 @@ def main() -> None:
               f"simulator after {r['first_request_s']:.2f}s; run finished in {r['wall_s']:.2f}s "
               f"({sent:,} requests), peak RSS {r['max_rss_mb']:.0f} MB")
         after = [timed_run(job_path) for _ in range(2)]
-        print(f"the two no-op resumes after that: {after[0]['wall_s']:.2f}s (full scan: the "
-              f"appended rows now have results; records the longer prefix), "
-              f"{after[1]['wall_s']:.2f}s; load: {uptime()}")
+        print(f"the two no-op resumes after that (the run that sent the appended rows "
+              f"extended the verified prefix over them): {after[0]['wall_s']:.2f}s, "
+              f"{after[1]['wall_s']:.2f}s, peak RSS {after[0]['max_rss_mb']:.0f} MB; "
+              f"load: {uptime()}")
     finally:
         sim.stop()
         if a.keep:

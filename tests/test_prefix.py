@@ -284,9 +284,10 @@ def test_a_run_that_finishes_every_row_extends_the_prefix_to_the_end_of_its_inpu
 def test_a_row_that_failed_is_never_inside_the_prefix(
     job: JobFiles, sim: Simulator, cli: Any, scans: list[ResumeAt | None]
 ) -> None:
-    """The prefix ends before the first row not done. The rows after a failed one have
-    results, which the tail check cannot tell from repeats of prefix ids: the next run
-    reads the whole input (and sends nothing)."""
+    """The prefix ends before the first row not done; the rows after a failed one are
+    read on every run. Those a run finished after the prefix was recorded are known not
+    to repeat a prefix id (their results are newer than it); older ones could, and only
+    the full scan can tell."""
     path = _done_job(job, cli)
     size = job.input.stat().st_size
     write_jsonl(job.input, [*articles(20), {"id": "p1", "text": "__POISON__"},
@@ -295,7 +296,16 @@ def test_a_row_that_failed_is_never_inside_the_prefix(
     sent = sim.stats.requests
     scans.clear()
     assert cli("run", path).exit_code == 3  # the failed row is kept failed, not sent
-    assert [s.offset if s else None for s in scans] == [size, None]
+    assert [s.offset if s else None for s in scans] == [size]
+    assert sim.stats.requests == sent
+
+    path = job.write(prompt="Summarize briefly: {text}")  # every request changes
+    assert cli("run", path).exit_code == 3
+    sent = sim.stats.requests
+    scans.clear()
+    assert cli("run", path).exit_code == 3  # a full scan, which records the prefix anew
+    assert cli("run", path).exit_code == 3  # rows after p1 are older than that record
+    assert [s.offset if s else None for s in scans] == [None, size, None]
     assert sim.stats.requests == sent
     plan = assert_same_plan_as_the_full_scan(path)
     assert plan.failed_kept == 1 and plan.done == 22
