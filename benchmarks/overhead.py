@@ -2,7 +2,11 @@
 
 Run: ``python benchmarks/overhead.py [--requests 5000] [--concurrency 64 256] [--repeat 3]
 [--profile]`` (about 6 minutes with --profile). Loopback only, no key. Results and the
-conclusions drawn from them: docs/performance.md, "Pacing and client overhead (issue 3)".
+conclusions drawn from them: docs/performance.md, "Pacing and client overhead (issue 3)"
+and "Speed (issue 13)". Issue 13's target is printed as ``batchgpt vs aiohttp: ...
+ratio N.NNx`` (batchgpt's CPU a request over a bare aiohttp loop's, paired per round), and
+the end-to-end table (``--no-e2e`` skips it) runs ``batchgpt run JOB`` through the CLI for
+each ``api.transport`` against a bare aiohttp script, each a process of its own.
 
 The simulator runs in its own process (``python -m batchgpt.simulator --no-record``)
 with zero latency and no limits, so the client's CPU is the bottleneck. Every client
@@ -671,7 +675,8 @@ def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int
     """Medians over the rounds (each column on its own), the range of req/s, and for the
     comparisons the median of the per-round ratios: a client and its baseline ran in the
     same round, a minute apart, so a slow spell of the machine hits both."""
-    print(f"\n== overhead: simulator latency 0, no limits; medians of {repeat} rounds ==")
+    print(f"\n== overhead: simulator latency 0, no limits; medians of {repeat} rounds "
+          f"(load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}) ==")
     head = (f"{'client':<16} {'conc':>4} {'requests':>8} {'req/s':>7} {'(min-max)':>13} "
             f"{'CPU s/1k':>9} {'of it GC':>8} {'busy':>5} {'sim s/1k':>9} {'others':>6}  check")
     print(head)
@@ -705,7 +710,7 @@ def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int
             r_cpu = _median([x.cpu_per_k / y.cpu_per_k for x, y in pairs])
             r_rate = _median([x.rps / y.rps for x, y in pairs])
             print(f"concurrency {c}: {other} vs {base}: CPU {d_cpu:+.3f} s/1k "
-                  f"({100 * (r_cpu - 1):+.0f} %), rate x{r_rate:.2f}")
+                  f"({100 * (r_cpu - 1):+.0f} %, ratio {r_cpu:.2f}x), rate x{r_rate:.2f}")
     print()
     for name in sorted({k[1] for k in order}, key=list(LEGEND).index):
         print(f"  {name:<16} {LEGEND[name]}")
