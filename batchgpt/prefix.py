@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sqlite3
 import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,8 @@ from batchgpt.source import Form, InputFile, ResumeAt, ScannedRow
 if TYPE_CHECKING:
     from batchgpt.config import JobConfig
     from batchgpt.store import Store
+
+log = logging.getLogger("batchgpt")
 
 META_KEY = "verified_prefix"
 EPOCH_KEY = "done_epoch"
@@ -235,7 +239,16 @@ def check_tail(store: Store, record: Record, rows: list[ScannedRow]) -> None:
 def remember(job: JobConfig, source: InputFile, store: Store, tracker: Tracker) -> None:
     """After a writable plan without problems: install the triggers that keep the epoch
     (so the run's own changes to the results are counted from here on), note the epoch,
-    and record the prefix the plan found when it is new or longer."""
+    and record the prefix the plan found when it is new or longer. A speed-up only: if
+    the index can't take it, the run goes on without (and the next one reads it all)."""
+    try:
+        _remember(job, source, store, tracker)
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        tracker.epoch = None
+        log.debug("verified prefix not recorded: %s: %s", type(exc).__name__, exc)
+
+
+def _remember(job: JobConfig, source: InputFile, store: Store, tracker: Tracker) -> None:
     index = store.index
     with index.transaction() as db:
         for name, body in TRIGGERS.items():
@@ -259,13 +272,22 @@ def after_run(job: JobConfig, source: InputFile, store: Store, plan: Any, *, ok:
     tracker: Tracker | None = getattr(plan, "verified", None)
     if tracker is None or tracker.epoch is None or tracker.scanned is None or not ok:
         return
+    try:
+        _extend(job, source, store, plan, tracker, succeeded, replaced)
+    except (sqlite3.Error, OSError, ValueError) as exc:  # a speed-up only (see remember)
+        log.debug("verified prefix not extended: %s: %s", type(exc).__name__, exc)
+
+
+def _extend(job: JobConfig, source: InputFile, store: Store, plan: Any, tracker: Tracker,
+            succeeded: int, replaced: int) -> None:
     if not plan.to_send or succeeded != plan.to_send or plan.changed_kept:
         return
     if plan.done + succeeded != plan.rows or plan.rows < 1:
         return
-    if _epoch_number(store) != tracker.epoch + replaced:
+    epoch, last = tracker.epoch, tracker.scanned
+    if epoch is None or last is None or _epoch_number(store) != epoch + replaced:
         return
-    _write(job, source, store, tracker, None, tracker.scanned, plan.rows)
+    _write(job, source, store, tracker, None, last, plan.rows)
 
 
 def _epoch_number(store: Store) -> int:
