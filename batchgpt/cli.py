@@ -28,7 +28,6 @@ from batchgpt.errors import BatchGPTError, ExitCode, InputError, StateError
 from batchgpt.files import NotRegularFile, probe_writable
 from batchgpt.logs import bind_job, event, setup_logging
 from batchgpt.redact import Redactor
-from batchgpt.runner import RunOptions, run_job
 from batchgpt.shard import Shard
 
 if TYPE_CHECKING:
@@ -259,6 +258,8 @@ def run(
         if not typer.confirm(f"Set every result of {job.job_name} in {job.output} aside "
                              "(moved to a .previous-<time> file) and start over?"):
             raise typer.Exit(ExitCode.ERROR)
+    from batchgpt.runner import RunOptions, run_job  # not at import: status, --version
+
     options = RunOptions(sandbox=sandbox, retry_failed=retry_failed, fresh=fresh, limit=limit,
                          dry_run=dry_run, handle_signals=True, wait=wait, shard=part)
     if sandbox_faults or sandbox_denied_terms or sandbox_fail_models:
@@ -365,6 +366,7 @@ def cancel(
         raise typer.BadParameter("must be text or json", param_hint="--log-format")
     setup_logging(log_format, None, False)
     from batchgpt.modes.batch import cancel_job
+    from batchgpt.runner import RunOptions
 
     job = _load(job_path)
     bind_job(job.job_name)

@@ -28,9 +28,12 @@ from typing import Any
 import httpx2  # the openai SDK's HTTP layer, installed with it
 import openai
 
+from batchgpt.limiter import CASE_INSENSITIVE
 from batchgpt.redact import Redactor
 from batchgpt.retry import Failure, Kind
 from batchgpt.source import has_surrogate
+
+CASE_INSENSITIVE.add(httpx2.Headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +132,14 @@ class ChatClient:
             return Attempt(None, Failure(Kind.DECODE, _human(
                 redact, f"unreadable response: {exc}", 500)), latency)
         latency = time.perf_counter() - start
-        headers = raw.headers
-        content = raw.content
+        return self._reply(raw.status_code, raw.headers, raw.content, latency)
+
+    def _reply(self, status: int, headers: Mapping[str, str], content: bytes,
+               latency: float) -> Attempt:
+        """A non-error HTTP answer reduced to an Attempt: a chat.completion is a success,
+        anything else a retryable ``invalid_response``. Shared by both transports
+        (:mod:`batchgpt.transport`), so a reply means the same whichever sent it."""
+        redact = self._redact
         request_id = headers.get("x-request-id")
         if request_id is not None:
             request_id = _human(redact, request_id, 200)
@@ -144,9 +153,9 @@ class ChatClient:
             head = redact.data(content[:200 + _MARGIN])[:200].decode("utf-8", "replace")
             return Attempt(
                 None,
-                Failure(Kind.DECODE, _human(redact, f"HTTP {raw.status_code} with a body that "
+                Failure(Kind.DECODE, _human(redact, f"HTTP {status} with a body that "
                         f"is not a chat.completion ({missing}): {head!r}", 500),
-                        status=raw.status_code, headers=redact.headers(headers),
+                        status=status, headers=redact.headers(headers),
                         request_id=request_id),
                 latency,
             )
@@ -154,8 +163,8 @@ class ChatClient:
             cleaned = redact.value(parsed)
             if not isinstance(cleaned, dict):  # too deep to clean: keep none of it
                 return Attempt(None, Failure(
-                    Kind.DECODE, f"HTTP {raw.status_code} with a chat.completion too deeply "
-                    "nested to clean of secrets", status=raw.status_code,
+                    Kind.DECODE, f"HTTP {status} with a chat.completion too deeply "
+                    "nested to clean of secrets", status=status,
                     headers=redact.headers(headers), request_id=request_id), latency)
             parsed = cleaned
         return Attempt(Success(parsed, headers, request_id, latency), None, latency)
@@ -212,6 +221,16 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
             body = raw
     except (ValueError, RecursionError):
         pass
+    text = exc.response.text if exc.response is not None else ""
+    return status_failure(exc.status_code, exc.response.headers, body, text, exc.message,
+                          exc.request_id, redact)
+
+
+def status_failure(status: int, headers: Mapping[str, str], body: object, text: str,
+                   fallback: str, request_id: str | None, redact: Redactor) -> Failure:
+    """A Failure from an error status: ``body`` the parsed error body (else the text),
+    ``text`` the body as text, ``fallback`` the message when neither has one. Every
+    string the server chose is redacted; both transports end here."""
     body = redact.value(body)  # code, type and message below come from the clean copy
     err = body.get("error", body) if isinstance(body, dict) else None
     code = type_ = param = None
@@ -222,16 +241,14 @@ def _status_failure(exc: openai.APIStatusError, redact: Redactor) -> Failure:
         param = _label(err.get("param"))
         message = _human(redact, _str(err.get("message")) or "", MAX_MESSAGE_CHARS)
     if not message:  # a gateway's HTML page, say: its start is the message
-        text = exc.response.text if exc.response is not None else ""
-        message = _human(redact, text or exc.message, 300)
-    request_id = exc.request_id
+        message = _human(redact, text or fallback, 300)
     return Failure(
         Kind.HTTP,
         message,
-        status=exc.status_code,
+        status=status,
         code=code,
         type=type_,
-        headers=redact.headers(exc.response.headers),
+        headers=redact.headers(headers),
         body=body,
         request_id=None if request_id is None else _human(redact, request_id, 200),
         param=param,

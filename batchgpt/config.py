@@ -172,6 +172,12 @@ class ApiSettings(_Strict):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the key.")
     organization: str | None = None
     project: str | None = None
+    transport: Literal["aiohttp", "sdk"] = Field(
+        "aiohttp",
+        description="How each request is sent: `aiohttp` (a lean HTTP session with the "
+        "SDK's URL, headers and timeouts; less CPU a request) or `sdk` (through the openai "
+        "SDK's own request path).",
+    )
 
     @field_validator("base_url")
     @classmethod

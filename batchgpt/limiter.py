@@ -719,12 +719,18 @@ def _http_date_delay(value: str, now: float | None) -> float | None:
     return max(0.0, stamp - current)
 
 
+# Header mappings that match names case-insensitively themselves (the transports'
+# response headers register theirs): a header they lack is not looked for again key by
+# key, which cost more than the rest of reading the rate-limit headers of a reply.
+CASE_INSENSITIVE: set[type] = set()
+
+
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """``headers[name]`` for a lower-case ``name``, whatever the mapping's key case:
     httpx and aiohttp headers match case-insensitively themselves, a plain dict may
     not."""
     value = headers.get(name)
-    if value is None:
+    if value is None and type(headers) not in CASE_INSENSITIVE:
         for key, candidate in headers.items():
             if key.lower() == name:
                 return candidate

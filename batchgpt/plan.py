@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from batchgpt import prefix
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError
 from batchgpt.source import InputFile, Row, ScannedRow
@@ -69,6 +70,9 @@ class Plan:
     # own): one entry per distinct model, so an unpriced one is refused before sending.
     by_model: dict[str, ModelLoad] = field(default_factory=dict)
     models_overflow: int = 0  # rows to send naming a model beyond the first MAX_MODELS
+    # What batchgpt.prefix needs to extend the verified prefix once the run has sent the
+    # rows (a writable plan's; None otherwise).
+    verified: prefix.Tracker | None = field(default=None, repr=False, compare=False)
 
     @property
     def to_send(self) -> int:
@@ -129,34 +133,65 @@ def make_plan(
     (--fresh validates the input this way before setting the old results aside).
     ``refuse_changed`` False (``status``): rows that ``on_change: error`` would refuse
     are counted in ``changed_refused`` instead of raising."""
-    plan = Plan()
     # Adopting taken-over results (giving them their row's request hash) writes to the
     # index, which a read-only look (status, --dry-run) must not do and, on an index opened
     # read-only, cannot. It changes nothing in the plan: a result without a hash counts as
     # done for the row's request either way (see Index.unsettled).
     # (A read-only store holds an in-memory copy whenever there is anything to adopt.)
     adopt = store is not None and store.has_unadopted()
-    batch: list[ScannedRow] = []
-    for scanned in source.scan():
-        batch.append(scanned)
-        if len(batch) >= BATCH:
-            _classify(job, store, batch, plan, retry_failed, limit, adopt)
-            batch = []
-    if batch:
-        _classify(job, store, batch, plan, retry_failed, limit, adopt)
+    # Lines before a verified prefix's end are not read again (batchgpt.prefix).
+    known = None if store is None or adopt else prefix.trusted(job, source, store)
+    try:
+        plan, tracker = _scan(job, source, store, retry_failed, limit, adopt, known)
+    except prefix.Fallback:  # an id after the prefix has a result: read it all
+        plan, tracker = _scan(job, source, store, retry_failed, limit, adopt, None)
     if plan.changed_refused and refuse_changed:
         raise ConfigError(
             f"{plan.changed_refused} rows changed since their result was written "
             f"(e.g. {', '.join(plan.changed_examples)}), and the job says on_change: error. "
             "Set on_change: rerun to send them again, or keep to keep the old results."
         )
+    if store is not None and not store.dry:
+        prefix.remember(job, source, store, tracker)
+        plan.verified = tracker
     return plan
+
+
+def _scan(job: JobConfig, source: InputFile, store: Store | None, retry_failed: bool,
+          limit: int | None, adopt: bool, known: prefix.Trusted | None,
+          ) -> tuple[Plan, prefix.Tracker]:
+    """The plan's pass over the input: all of it, or (``known``) the lines after a
+    verified prefix, whose rows count as done."""
+    plan = Plan()
+    tracker = prefix.Tracker(source, known)
+    resume = None
+    if known is not None:
+        done = known.record.rows
+        plan.rows = plan.done = plan.with_result = done
+        resume = known.resume
+    batch: list[ScannedRow] = []
+    for scanned in source.scan(resume):
+        batch.append(scanned)
+        if len(batch) >= BATCH:
+            if known is not None and store is not None:
+                prefix.check_tail(store, known.record, batch)
+            tracker.batch(batch, _classify(job, store, batch, plan, retry_failed, limit,
+                                           adopt))
+            batch = []
+    if batch:
+        if known is not None and store is not None:
+            prefix.check_tail(store, known.record, batch)
+        tracker.batch(batch, _classify(job, store, batch, plan, retry_failed, limit, adopt))
+    return plan, tracker
 
 
 def _classify(
     job: JobConfig, store: Store | None, batch: list[ScannedRow], plan: Plan,
     retry_failed: bool, limit: int | None, adopt: bool,
-) -> None:
+) -> int:
+    """Count the batch's rows into the plan; returns how many of its first rows
+    succeeded before for their very request (the verified prefix's rows)."""
+    leading = 0
     if store is None:
         unsettled = None
     else:
@@ -168,12 +203,13 @@ def _classify(
             plan.rows += len(batch)
             plan.done += len(batch)
             plan.with_result += len(batch)
-            return
-    for scanned in batch:
+            return len(batch)
+    for i, scanned in enumerate(batch):
         plan.rows += 1
         if unsettled is not None and scanned.custom_id not in unsettled:
             plan.done += 1  # left out by the index: succeeded for this very request
             plan.with_result += 1
+            leading += leading == i
             continue
         s = None if unsettled is None else unsettled[scanned.custom_id]
         if s is None or not (s.has_result or s.has_failure):
@@ -227,3 +263,4 @@ def _classify(
         else:
             plan.max_completion_tokens += cap
             load.max_completion_tokens += cap
+    return leading

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -132,6 +133,16 @@ def _candidate_names(model: str) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=4096)
+def _builtin_price(model: str) -> Price | None:
+    """:func:`resolve_price` without overrides, remembered: it runs a few times per
+    request (the budget's worst case, the result's cost)."""
+    for name in _candidate_names(model):
+        if name in PRICES:
+            return PRICES[name]
+    return None
+
+
 def resolve_price(model: str, overrides: Mapping[str, Price] | None = None) -> Price | None:
     """The price for ``model``, or None when nobody knows it.
 
@@ -146,6 +157,8 @@ def resolve_price(model: str, overrides: Mapping[str, Price] | None = None) -> P
     with any other suffix (``gpt-4o-mini-x``, ``o3-pro``) is unknown rather than priced as a
     model it is not.
     """
+    if not overrides:
+        return _builtin_price(model)
     for name in _candidate_names(model):
         if overrides is not None and name in overrides:
             return overrides[name]
@@ -279,6 +292,7 @@ class Usage(BaseModel):
 _PER_MILLION = Decimal(1_000_000)
 
 
+@functools.lru_cache(maxsize=1024)
 def _dec(rate: float) -> Decimal:
     # From the float's shortest repr, i.e. the decimal a person typed (0.15, not
     # 0.1499999999999999944488848768742172978818416595458984375).

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchgpt.config import JobConfig
-from batchgpt.source import InputFile, ScannedRow
+from batchgpt.source import InputFile, ResumeAt, ScannedRow
 
 __all__ = ["Shard", "ShardInput", "part_job", "part_output", "shard_input", "shard_of"]
 
@@ -93,9 +93,11 @@ class ShardInput(InputFile):
         super().__init__(job)
         self.shard = shard
 
-    def scan(self) -> Iterator[ScannedRow]:
+    def scan(self, resume: ResumeAt | None = None) -> Iterator[ScannedRow]:
+        """Every line checked (from ``resume`` on: a verified prefix is valid, and its rows
+        of this part done), only this part's rows yielded."""
         holds = self.shard.holds
-        for scanned in super().scan():
+        for scanned in super().scan(resume):
             if holds(scanned.custom_id):
                 yield scanned
 

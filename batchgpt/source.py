@@ -688,6 +688,18 @@ class _KeySet:
                 table[i] = key
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeAt:
+    """Where :meth:`InputFile.scan` starts when the lines before are known valid: the byte
+    ``offset`` of the next line, the number of the last line before it, the file's form
+    and the line its first valid row is on (for the mixed-forms message)."""
+
+    offset: int
+    line: int
+    form: Form
+    first: int
+
+
 class ScannedRow:
     """A valid row and where it starts in the file. ``row``, the full request, is built on
     first use: planning a resume needs only the id and request hash of rows already done."""
@@ -853,9 +865,13 @@ class InputFile:
                 [InputProblem(name, 0, f"cannot read input: {exc.strerror}")]
             ) from None
 
-    def scan(self) -> Iterator[ScannedRow]:
+    def scan(self, resume: ResumeAt | None = None) -> Iterator[ScannedRow]:
         """Validate the whole file; yield each valid row. Raises InputError at the end if
         any line was bad (so nothing is sent for a file with a problem anywhere).
+
+        ``resume``: validate only from a byte offset on, the file before it being a
+        verified prefix (:mod:`batchgpt.prefix`): valid, free of duplicate ids, and of
+        the form given. The caller checks the rows read for ids of the prefix.
 
         A mistake of the job file that every line shows — a field the prompt (or the id)
         uses that no record has, no model anywhere — is one ConfigError naming the job
@@ -887,7 +903,9 @@ class InputFile:
             if count <= MAX_PROBLEMS:
                 held.setdefault(tag, []).append(InputProblem(name, line, msg))
 
-        for scanned in self._rows(problem, first_rows):
+        if resume is not None:
+            first_rows.valid = True  # the prefix holds valid rows
+        for scanned in self._rows(problem, first_rows, resume):
             custom_id = scanned.custom_id
             if not seen.add(_id_key(custom_id)):
                 duplicates.setdefault(custom_id, []).append(scanned.line)
@@ -915,7 +933,8 @@ class InputFile:
         raise InputError(problems, more)
 
     def _rows(self, problem: Callable[[int, str, Tag], None],
-              first_rows: _FirstRows | None = None) -> Iterator[ScannedRow]:
+              first_rows: _FirstRows | None = None, resume: ResumeAt | None = None,
+              ) -> Iterator[ScannedRow]:
         """Every valid row of the file (duplicates included); every other non-blank line
         goes to ``problem``. The first valid row's form is the file's (with
         ``input_format: auto``): a line of another form is a problem. Until that first
@@ -926,9 +945,15 @@ class InputFile:
         auto = self.job.input_format == "auto"
         file_form: Form | None = None
         first = 0
+        offset = 0
+        start_line = 1
+        if resume is not None:
+            offset, start_line = resume.offset, resume.line + 1
+            file_form, first = resume.form, resume.first
         with self._open() as fh:
-            offset = 0
-            for number, raw in enumerate(fh, start=1):
+            if offset:
+                fh.seek(offset)
+            for number, raw in enumerate(fh, start=start_line):
                 start = offset
                 offset += len(raw)
                 if not raw.strip():

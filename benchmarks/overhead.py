@@ -2,7 +2,11 @@
 
 Run: ``python benchmarks/overhead.py [--requests 5000] [--concurrency 64 256] [--repeat 3]
 [--profile]`` (about 6 minutes with --profile). Loopback only, no key. Results and the
-conclusions drawn from them: docs/performance.md, "Pacing and client overhead (issue 3)".
+conclusions drawn from them: docs/performance.md, "Pacing and client overhead (issue 3)"
+and "Speed (issue 13)". Issue 13's target is printed as ``batchgpt vs aiohttp: ...
+ratio N.NNx`` (batchgpt's CPU a request over a bare aiohttp loop's, paired per round), and
+the end-to-end table (``--no-e2e`` skips it) runs ``batchgpt run JOB`` through the CLI for
+each ``api.transport`` against a bare aiohttp script, each a process of its own.
 
 The simulator runs in its own process (``python -m batchgpt.simulator --no-record``)
 with zero latency and no limits, so the client's CPU is the bottleneck. Every client
@@ -73,11 +77,13 @@ import openai
 from batchgpt import JobConfig, RunOptions
 from batchgpt.client import Attempt, ChatClient
 from batchgpt.runner import run_job
+from batchgpt.transport import make_client
 
 KEY_ENV = "BATCHGPT_BENCH_KEY"
-CLIENTS = ["sdk", "batchgpt", "sdk-post", "client", "batchgpt+gc", "batchgpt-create",
-           "aiohttp"]
-MAIN_CLIENTS = ("sdk", "batchgpt")  # the others (variants) run at the first concurrency only
+CLIENTS = ["aiohttp", "batchgpt", "batchgpt-sdk", "sdk", "sdk-post", "client", "lean-client",
+           "batchgpt+gc", "batchgpt-create"]
+# The others (variants) run at the first concurrency only.
+MAIN_CLIENTS = ("aiohttp", "batchgpt", "batchgpt-sdk", "sdk")
 
 
 # -- the simulator in its own process (same as benchmarks/utilisation.py) --------------
@@ -253,12 +259,13 @@ async def run_sdk(sim: SimProcess, n: int, concurrency: int, mode: str = "sdk") 
         connector=aiohttp.TCPConnector(limit=concurrency),
         headers={"Authorization": "Bearer sk-bench-not-a-real-key"})
     url = sim.base_url + "/chat/completions"
-    chat = ChatClient(base_url=sim.base_url, api_key="sk-bench-not-a-real-key", timeout_s=30,
-                      max_connections=concurrency)
+    chat = make_client("aiohttp" if mode == "lean-client" else "sdk", base_url=sim.base_url,
+                       api_key="sk-bench-not-a-real-key", timeout_s=30,
+                       max_connections=concurrency)
 
     async def one(i: int) -> bool:
         body = body_for(i)
-        if mode == "client":
+        if mode in ("client", "lean-client"):
             attempt = await chat.complete({"model": "gpt-4o-mini", **body})
             return attempt.success is not None
         if mode == "sdk":
@@ -299,7 +306,8 @@ async def run_sdk(sim: SimProcess, n: int, concurrency: int, mode: str = "sdk") 
                    ok=errors == 0, note=f"{errors} errors" if errors else "")
 
 
-def write_job(folder: Path, n: int, concurrency: int, base_url: str) -> Path:
+def write_job(folder: Path, n: int, concurrency: int, base_url: str,
+              transport: str = "aiohttp") -> Path:
     with (folder / "input.jsonl").open("w") as fh:
         for i in range(n):
             fh.write(json.dumps({"id": f"r{i:06d}", **body_for(i)}) + "\n")
@@ -307,7 +315,7 @@ def write_job(folder: Path, n: int, concurrency: int, base_url: str) -> Path:
     job.write_text(
         "name: bench\ninput: input.jsonl\noutput: out/bench.jsonl\nmodel: gpt-4o-mini\n"
         f"limits: {{concurrency: {concurrency}}}\ntimeout_s: 30\n"
-        f"api: {{base_url: \"{base_url}\", api_key_env: {KEY_ENV}}}\n")
+        f"api: {{base_url: \"{base_url}\", api_key_env: {KEY_ENV}, transport: {transport}}}\n")
     return job
 
 
@@ -382,9 +390,11 @@ def tuned_gc(enabled: bool) -> Iterator[None]:
 
 async def run_batchgpt(sim: SimProcess, n: int, concurrency: int,
                        profiler: cProfile.Profile | None = None, via_create: bool = False,
-                       gc_tuned: bool = False) -> Measure:
+                       gc_tuned: bool = False, transport: str = "aiohttp") -> Measure:
+    if via_create:
+        transport = "sdk"  # the variant patches the SDK path's ChatClient.complete
     with tempfile.TemporaryDirectory(prefix="bgpt-ovh-") as tmp:
-        job = JobConfig.load(write_job(Path(tmp), n, concurrency, sim.base_url))
+        job = JobConfig.load(write_job(Path(tmp), n, concurrency, sim.base_url, transport))
         await wait_quiet()
         with patched_complete(via_create), tuned_gc(gc_tuned), Meter(sim) as m:
             if profiler is not None:
@@ -397,7 +407,8 @@ async def run_batchgpt(sim: SimProcess, n: int, concurrency: int,
     ok = result.outcome == "completed" and len(lines) == n == len(ids)
     note = "" if ok else (f"outcome={result.outcome} lines={len(lines)} unique={len(ids)} "
                           f"errors={result.summary['this_run']['errors_by_code']}")
-    name = "batchgpt" + ("-create" if via_create else "") + ("+gc" if gc_tuned else "")
+    name = ("batchgpt" + ("-create" if via_create else "") + ("+gc" if gc_tuned else "")
+            + ("-sdk" if transport == "sdk" and not via_create else ""))
     return Measure(name, concurrency, n, m.wall, m.cpu, m.sim_cpu, m.others, m.gc_s, ok=ok,
                    note=note)
 
@@ -409,7 +420,12 @@ async def run_batchgpt(sim: SimProcess, n: int, concurrency: int,
 # caller file, caller function); the caller narrows "json.loads" to the one in client.py.
 Entry = tuple[str, str, str, str | None, str | None]
 COMPONENTS: list[Entry] = [
-    ("ChatClient.complete, all of it", "batchgpt/client.py", "complete", None, None),
+    ("LeanClient.complete (api.transport: aiohttp), all of it", "batchgpt/transport.py",
+     "complete", None, None),
+    ("  ChatClient._reply (parse, check, redact check)", "batchgpt/client.py", "_reply",
+     None, None),
+    ("ChatClient.complete (api.transport: sdk), all of it", "batchgpt/client.py", "complete",
+     None, None),
     ("  SDK create(): params transform (gone since 5398347)", "openai/_utils/_transform.py",
      "async_maybe_transform", None, None),
     ("  SDK: build request (options, headers, URL, body)", "openai/_base_client.py",
@@ -550,18 +566,103 @@ async def profile(sim: SimProcess, n: int, concurrency: int, top: int) -> None:
         stats.sort_stats("tottime").print_stats(top)
 
 
+# -- end to end: the CLI, start-up included, against a bare aiohttp script ---------------
+
+PEER_SCRIPT = r"""
+import asyncio, json, sys
+import aiohttp
+
+async def main(path, out, url, key, conc):
+    rows = [json.loads(line) for line in open(path)]
+    todo = iter(rows)
+    headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc),
+                                     headers=headers) as session:
+        with open(out, "w") as fh:
+            async def worker():
+                for row in todo:
+                    body = {"model": "gpt-4o-mini", "messages": row["messages"],
+                            "max_tokens": row["max_tokens"]}
+                    async with session.post(url, data=json.dumps(body).encode()) as r:
+                        reply = await r.json()
+                    fh.write(json.dumps({"custom_id": row["id"], "response": reply}) + "\n")
+            await asyncio.gather(*(worker() for _ in range(conc)))
+
+asyncio.run(main(*sys.argv[1:5], int(sys.argv[5])))
+"""
+
+
+def _child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """(wall s, CPU s of the child, exit code) of a subprocess."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if proc.stderr is not None:
+        proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, proc.returncode
+
+
+def end_to_end(sim: SimProcess, n: int, concurrency: int, repeat: int) -> None:
+    """``batchgpt run JOB`` through the CLI (a fresh process: start-up, imports, plan,
+    sending, checkpoint, summary) for each transport, against a bare aiohttp script in a
+    process of its own (start-up included) sending the same requests to the same server,
+    interleaved; the ratios are per round."""
+    env = dict(os.environ, **{KEY_ENV: "sk-bench-not-a-real-key"})
+    got: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for _ in range(repeat):
+        for name in ("peer", "aiohttp", "sdk"):
+            with tempfile.TemporaryDirectory(prefix="bgpt-e2e-") as tmp:
+                folder = Path(tmp)
+                job = write_job(folder, n, concurrency, sim.base_url,
+                                "aiohttp" if name == "peer" else name)
+                if name == "peer":
+                    script = folder / "peer.py"
+                    script.write_text(PEER_SCRIPT)
+                    cmd = [sys.executable, str(script), str(folder / "input.jsonl"),
+                           str(folder / "out.jsonl"), sim.base_url + "/chat/completions",
+                           env[KEY_ENV], str(concurrency)]
+                    out = folder / "out.jsonl"
+                else:
+                    cmd = [sys.executable, "-m", "batchgpt.cli", "run", str(job)]
+                    out = folder / "out" / "bench.jsonl"
+                wall, cpu, code = _child(cmd, env)
+                lines = out.read_text().count("\n") if out.exists() else 0
+                if code != 0 or lines != n:
+                    print(f"  {name}: exit {code}, {lines} lines", file=sys.stderr)
+                got[name].append((wall, cpu))
+    print(f"\n== end to end, {n:,} requests, concurrency {concurrency}, start-up included "
+          f"(load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}) ==")
+    print(f"{'client':<38} {'wall s':>7} {'req/s':>7} {'CPU s':>7} {'CPU ms/req':>10} "
+          f"{'CPU ÷ peer':>10} {'req/s ÷ peer':>12}")
+    labels = {"peer": "bare aiohttp script (the peer)",
+              "aiohttp": "batchgpt run (api.transport: aiohttp)",
+              "sdk": "batchgpt run (api.transport: sdk)"}
+    for name in ("peer", "aiohttp", "sdk"):
+        runs = got[name]
+        cpu_ratio = _median([c / p[1] for (_, c), p in zip(runs, got["peer"], strict=True)])
+        rate_ratio = _median([p[0] / w for (w, _), p in zip(runs, got["peer"], strict=True)])
+        wall = _median([w for w, _ in runs])
+        cpu = _median([c for _, c in runs])
+        print(f"{labels[name]:<38} {wall:>7.2f} {n / wall:>7,.0f} {cpu:>7.2f} "
+              f"{cpu / n * 1000:>10.3f} {cpu_ratio:>10.2f} {rate_ratio:>12.2f}")
+
+
 # -- main --------------------------------------------------------------------------------
 
 LEGEND = {
+    "aiohttp": "bare aiohttp.ClientSession, no SDK (the floor)",
+    "batchgpt": "run_job() as it is in the working tree (api.transport: aiohttp, the default)",
+    "batchgpt-sdk": "run_job() with api.transport: sdk (through the SDK's post())",
     "sdk": "bare SDK loop: chat.completions.with_raw_response.create()",
-    "batchgpt": "run_job() as it is in the working tree",
     "sdk-post": "bare SDK loop: client.post(..., cast_to=httpx2.Response), the call "
                 "batchgpt/client.py makes",
-    "client": "batchgpt.client.ChatClient.complete() in a bare loop",
+    "client": "batchgpt.client.ChatClient.complete() in a bare loop (the SDK path)",
+    "lean-client": "batchgpt.transport.LeanClient.complete() in a bare loop",
     "batchgpt+gc": "run_job() with gc.freeze() + gen-0 threshold 50,000 (proposed fix)",
     "batchgpt-create": "run_job() with ChatClient.complete calling create() as before "
                        "commit 5398347",
-    "aiohttp": "bare aiohttp.ClientSession, no SDK (the floor)",
 }
 
 
@@ -574,7 +675,8 @@ def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int
     """Medians over the rounds (each column on its own), the range of req/s, and for the
     comparisons the median of the per-round ratios: a client and its baseline ran in the
     same round, a minute apart, so a slow spell of the machine hits both."""
-    print(f"\n== overhead: simulator latency 0, no limits; medians of {repeat} rounds ==")
+    print(f"\n== overhead: simulator latency 0, no limits; medians of {repeat} rounds "
+          f"(load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}) ==")
     head = (f"{'client':<16} {'conc':>4} {'requests':>8} {'req/s':>7} {'(min-max)':>13} "
             f"{'CPU s/1k':>9} {'of it GC':>8} {'busy':>5} {'sim s/1k':>9} {'others':>6}  check")
     print(head)
@@ -594,7 +696,9 @@ def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int
               f"{max(m.others_cores for m in ms):>6.2f}  {'ok' if ok else 'BAD'} {notes}")
     print()
     for c in sorted({k[0] for k in order}):
-        for other, base in (("batchgpt", "sdk"), ("batchgpt", "sdk-post"),
+        for other, base in (("batchgpt", "aiohttp"), ("batchgpt-sdk", "aiohttp"),
+                            ("lean-client", "aiohttp"), ("batchgpt", "batchgpt-sdk"),
+                            ("batchgpt", "sdk"), ("batchgpt", "sdk-post"),
                             ("batchgpt", "client"), ("sdk-post", "sdk"),
                             ("client", "sdk-post"), ("aiohttp", "sdk-post"),
                             ("batchgpt+gc", "batchgpt"), ("batchgpt-create", "batchgpt")):
@@ -606,7 +710,7 @@ def print_table(got: dict[tuple[int, str], list[Measure]], order: list[tuple[int
             r_cpu = _median([x.cpu_per_k / y.cpu_per_k for x, y in pairs])
             r_rate = _median([x.rps / y.rps for x, y in pairs])
             print(f"concurrency {c}: {other} vs {base}: CPU {d_cpu:+.3f} s/1k "
-                  f"({100 * (r_cpu - 1):+.0f} %), rate x{r_rate:.2f}")
+                  f"({100 * (r_cpu - 1):+.0f} %, ratio {r_cpu:.2f}x), rate x{r_rate:.2f}")
     print()
     for name in sorted({k[1] for k in order}, key=list(LEGEND).index):
         print(f"  {name:<16} {LEGEND[name]}")
@@ -642,7 +746,9 @@ async def main_async(a: argparse.Namespace) -> None:
                         if client.startswith("batchgpt"):
                             m = await run_batchgpt(sim, a.requests, c,
                                                    via_create="-create" in client,
-                                                   gc_tuned="+gc" in client)
+                                                   gc_tuned="+gc" in client,
+                                                   transport="sdk" if client.endswith("-sdk")
+                                                   else "aiohttp")
                         else:
                             m = await run_sdk(sim, a.requests, c, client)
                         got[(c, client)].append(m)
@@ -653,6 +759,8 @@ async def main_async(a: argparse.Namespace) -> None:
             order = [(c, client) for c in a.concurrency for client in a.clients
                      if (c, client) in got]
             print_table(got, order, a.repeat)
+        if a.e2e and not a.profile_only:
+            end_to_end(sim, a.requests, a.concurrency[0], a.repeat)
         if a.profile or a.profile_only:
             await profile(sim, a.requests, a.concurrency[0], a.top)
 
@@ -669,6 +777,8 @@ def main() -> None:
     p.add_argument("--variants-everywhere", action="store_true",
                    help="run every client at every concurrency (default: variants at the "
                    "first concurrency only)")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false",
+                   help="skip the end-to-end CLI comparison")
     p.add_argument("--profile", action="store_true", help="also profile one batchgpt run")
     p.add_argument("--profile-only", action="store_true")
     p.add_argument("--top", type=int, default=0, help="with --profile: also list the top N "

@@ -16,7 +16,8 @@ What it does, in a temp folder under /tmp (removed at the end):
    in batches of 50,000 rows, with the simulator's reply for each row — nothing is sent;
 3. starts the simulator as a separate process and times ``batchgpt run JOB`` (a
    subprocess under /usr/bin/time: start to exit, peak RSS) three times; the simulator must
-   receive zero requests. Targets: ≤ 5 s, ≤ 150 MB;
+   receive zero requests. Targets: ≤ 3 s, ≤ 150 MB (issue 13; the first resume after
+   the state is built reads everything and records the verified prefix);
 4. appends 1,000 new rows and times the run until the first new request reaches the
    simulator (polling its ``/_sandbox/stats``), then to exit; exactly 1,000 requests.
 """
@@ -56,7 +57,7 @@ WORDS = [
     "delayed", "opened", "announced", "warned", "expected",
 ]
 COMMIT_BATCH = 50_000
-TARGET_S = 5.0
+TARGET_S = 3.0
 TARGET_MB = 150.0
 
 
@@ -206,6 +207,11 @@ def measure(cmd: list[str], folder: Path, sim: SimulatorProcess | None = None,
             "stderr": err_path.read_text(encoding="utf-8", errors="replace")}
 
 
+def uptime() -> str:
+    """The machine's load averages (1, 5, 15 min), printed with every figure."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def breakdown(job_path: Path) -> dict[str, float]:
     """The no-op resume's steps, timed in this process (the CLI adds its start-up)."""
     from batchgpt.plan import make_plan
@@ -270,6 +276,14 @@ def main() -> None:
         print(f"state: {n:,} rows done, output {out.stat().st_size / 1e6:.0f} MB, checkpoint "
               f"{db.stat().st_size / 1e6:.0f} MB ({time.perf_counter() - t:.1f}s to build)")
 
+        print(f"load: {uptime()}")
+        # The state was written directly, so no plan has verified a prefix yet: the first
+        # resume reads everything (and records the verified prefix); the next ones don't.
+        first = timed_run(job_path)
+        assert first["exit"] == 0, first["stderr"]
+        print(f"first resume (full scan, records the verified prefix): wall "
+              f"{first['wall_s']:.2f}s, CPU {first['cpu_s']:.2f}s, peak RSS "
+              f"{first['max_rss_mb']:.0f} MB")
         runs = []
         for _ in range(a.repeat):
             r = timed_run(job_path)
@@ -280,7 +294,7 @@ def main() -> None:
         assert sent == 0, f"the simulator received {sent} requests on a no-op resume"
         walls = [r["wall_s"] for r in runs]
         rss = max(r["max_rss_mb"] for r in runs)
-        print(f"\nno-op resume of {a.rows:,} done rows ({a.repeat} runs): wall "
+        print(f"\nno-op resume of {a.rows:,} done rows ({a.repeat} runs, prefix verified): wall "
               f"{min(walls):.2f}s min / {statistics.median(walls):.2f}s median "
               f"(target ≤ {TARGET_S:g}s: {'met' if max(walls) <= TARGET_S else 'MISSED'}), "
               f"CPU {statistics.median(r['cpu_s'] for r in runs):.2f}s, peak RSS {rss:.0f} MB "
@@ -304,6 +318,11 @@ def main() -> None:
         print(f"\n{a.new:,} rows appended to {a.rows:,} done: first new request reached the "
               f"simulator after {r['first_request_s']:.2f}s; run finished in {r['wall_s']:.2f}s "
               f"({sent:,} requests), peak RSS {r['max_rss_mb']:.0f} MB")
+        after = [timed_run(job_path) for _ in range(2)]
+        print(f"the two no-op resumes after that (the run that sent the appended rows "
+              f"extended the verified prefix over them): {after[0]['wall_s']:.2f}s, "
+              f"{after[1]['wall_s']:.2f}s, peak RSS {after[0]['max_rss_mb']:.0f} MB; "
+              f"load: {uptime()}")
     finally:
         sim.stop()
         if a.keep:

@@ -1,6 +1,6 @@
-"""Status at scale: ``batchgpt status JOB`` against ``batchgpt run JOB --dry-run`` on a
-1,000,000-row job, both the plan of a run made read-only, so status must cost no more than
-the dry run.
+"""Status at scale: ``batchgpt status JOB``, ``batchgpt run JOB --dry-run`` and
+``batchgpt --version`` on a 1,000,000-row job (issue 13's target: status and --version
+≤ 0.5 s), through the installed command, start-up included.
 
 Run: ``python benchmarks/status_scale.py`` (about 3 minutes, 2 of them building the state;
 ``--rows 200000`` for a quick look, ``--keep`` to keep the files).
@@ -8,9 +8,10 @@ Numbers are in docs/performance.md, "Status and dry run (issue 10)".
 
 What it does, in a temp folder under /tmp (removed at the end): writes the input and
 builds the completed state exactly as ``benchmarks/resume_scale.py`` does (nothing is
-sent), appends 1,000 new rows, then times each command three times (a subprocess under
-/usr/bin/time: start to exit, peak RSS), alternating, and checks that both count the same
-rows.
+sent), runs the job once (nothing to send: the full scan, which records the verified
+prefix), times each command three times (a subprocess under /usr/bin/time: start to exit,
+peak RSS), alternating; then appends 1,000 new rows, checks that status and the dry run
+count the same rows, and times them again.
 """
 
 from __future__ import annotations
@@ -38,6 +39,30 @@ def counts(cmd: list[str], folder: Path) -> dict[str, Any]:
     return data
 
 
+def uptime() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def table(commands: dict[str, list[str]], folder: Path, title: str) -> None:
+    """Each command REPEATS times, interleaved; median and range of the wall time."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in commands}
+    for _ in range(REPEATS):
+        for name, cmd in commands.items():
+            result = measure(cmd, folder)
+            assert result["exit"] == 0, result["stderr"]
+            runs[name].append(result)
+    print(f"\n{title}; {REPEATS} runs each (median, min-max); load {uptime()}\n")
+    print("| command | wall s | CPU s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for name, results in runs.items():
+        wall = [r["wall_s"] for r in results]
+        rss = [r["max_rss_mb"] for r in results]
+        print(f"| `batchgpt {name}` | {statistics.median(wall):.2f} "
+              f"({min(wall):.2f}–{max(wall):.2f}) | "
+              f"{statistics.median(r['cpu_s'] for r in results):.2f} | "
+              f"{statistics.median(rss):.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -50,35 +75,30 @@ def main() -> None:
         t0 = time.perf_counter()
         build_completed_state(job)
         print(f"built a completed {args.rows:,}-row state in {time.perf_counter() - t0:.0f}s")
-        write_input(folder / "input.jsonl", args.rows, NEW_ROWS, seed=2)
-
         py = sys.executable
+        exe = str(Path(py).parent / "batchgpt")  # the installed command (batchgpt.entry)
+        first = measure([exe, "run", str(job)], folder)
+        assert first["exit"] == 0, first["stderr"]
+        print(f"first run on the built state (full scan; records the verified prefix): "
+              f"{first['wall_s']:.2f}s, {first['max_rss_mb']:.0f} MB; load {uptime()}")
+
         commands = {
-            "status": [py, "-m", "batchgpt.cli", "status", str(job)],
-            "run --dry-run": [py, "-m", "batchgpt.cli", "run", str(job), "--dry-run"],
+            "--version": [exe, "--version"],
+            "status": [exe, "status", str(job)],
+            "run --dry-run": [exe, "run", str(job), "--dry-run"],
+            "run (no-op resume)": [exe, "run", str(job)],
         }
-        status = counts([*commands["status"], "--json"], folder)["requests"]
-        dry = counts([*commands["run --dry-run"], "--json"], folder)["requests"]
+        table(commands, folder, f"{args.rows:,} rows, all done")
+
+        write_input(folder / "input.jsonl", args.rows, NEW_ROWS, seed=2)
+        status = counts([py, "-m", "batchgpt.cli", "status", str(job), "--json"],
+                        folder)["requests"]
+        dry = counts([py, "-m", "batchgpt.cli", "run", str(job), "--dry-run", "--json"],
+                     folder)["requests"]
         assert status["pending"] == dry["pending"] == NEW_ROWS, (status, dry)
         assert {k: status[k] for k in dry} == dry, (status, dry)
-
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in commands}
-        for _ in range(REPEATS):
-            for name, cmd in commands.items():
-                result = measure(cmd, folder)
-                assert result["exit"] == 0, result["stderr"]
-                runs[name].append(result)
-        print(f"\n{args.rows:,} rows done + {NEW_ROWS:,} new; {REPEATS} runs each "
-              "(median, min-max)\n")
-        print("| command | wall s | CPU s | peak RSS MB |")
-        print("|---|---|---|---|")
-        for name, results in runs.items():
-            wall = [r["wall_s"] for r in results]
-            rss = [r["max_rss_mb"] for r in results]
-            print(f"| `batchgpt {name}` | {statistics.median(wall):.2f} "
-                  f"({min(wall):.2f}–{max(wall):.2f}) | "
-                  f"{statistics.median(r['cpu_s'] for r in results):.2f} | "
-                  f"{statistics.median(rss):.0f} |")
+        del commands["--version"], commands["run (no-op resume)"]
+        table(commands, folder, f"{args.rows:,} rows done + {NEW_ROWS:,} appended")
     finally:
         if args.keep:
             print(f"kept {folder}")

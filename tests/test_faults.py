@@ -34,6 +34,23 @@ FAST_RETRY = {"initial_delay_s": 0.01, "max_delay_s": 0.05}
 MakeSim = Callable[..., tuple[Simulator, JobFiles]]
 
 
+@pytest.fixture(autouse=True, params=["aiohttp", "sdk"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every run here goes through each ``api.transport``: the same faults must have the
+    same outcomes whichever sends the requests."""
+    chosen: str = request.param
+    write = JobFiles.write
+
+    def with_transport(self: JobFiles, records: list[Any] | None = None,
+                       **overrides: Any) -> Path:
+        api = overrides.get("api", self.config["api"])
+        overrides["api"] = {**api, "transport": chosen}
+        return write(self, records, **overrides)
+
+    monkeypatch.setattr(JobFiles, "write", with_transport)
+    return chosen
+
+
 @pytest.fixture
 def make_sim(tmp_path: Path) -> Iterator[MakeSim]:
     """``make_sim(seed=…, faults=FaultConfig(…), rpm=…)`` → a simulator of one's own and

@@ -35,7 +35,11 @@ from batchgpt.pricing import MAX_TOKEN_COUNT, PRICES, Usage, cost_usd, resolve_p
 from batchgpt.redact import REDACTED, Redactor, partial_min
 from batchgpt.retry import Action, Kind, decide
 from batchgpt.simulator import FaultConfig, Simulator, SimulatorConfig, SimulatorThread
+from batchgpt.transport import make_client as client_for
 from tests.conftest import JobFiles, articles
+
+# Both ways of sending a request (``api.transport``) must hold every promise below.
+TRANSPORTS = ["aiohttp", "sdk"]
 
 SECRET = "sk-live-SECRET-0123456789abcdef"
 FAST_RETRY = {"max_attempts": 3, "initial_delay_s": 0.01, "max_delay_s": 0.02}
@@ -280,16 +284,17 @@ def test_pricing_tolerates_a_model_name_with_a_lone_surrogate() -> None:
 MakeClient = Callable[..., Awaitable[tuple[Simulator, ChatClient]]]
 
 
-@pytest.fixture
-async def make_client() -> AsyncIterator[MakeClient]:
+@pytest.fixture(params=TRANSPORTS)
+async def make_client(request: pytest.FixtureRequest) -> AsyncIterator[MakeClient]:
     """``await make_client(faults=FaultConfig(...))``: a simulator on this loop and a
-    ChatClient holding SECRET as its key, built as the runner builds it (no redactor)."""
+    ChatClient holding SECRET as its key, built as the runner builds it (no redactor),
+    for each transport."""
     opened: list[tuple[Simulator, ChatClient]] = []
 
     async def make(**config: Any) -> tuple[Simulator, ChatClient]:
         sim = Simulator(SimulatorConfig(**config))
         url = await sim.start()
-        chat = ChatClient(base_url=url, api_key=SECRET, timeout_s=5)
+        chat = client_for(request.param, base_url=url, api_key=SECRET, timeout_s=5)
         opened.append((sim, chat))
         return sim, chat
 
@@ -392,9 +397,10 @@ async def test_a_lone_surrogate_in_a_reply_crashes_nothing_in_the_client_or_pric
     assert cost_usd(usage, resolve_price(success.body["model"])) is None
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("status", [200, 500])
 async def test_a_body_nested_past_what_json_can_parse_is_a_failure_not_a_crash(
-    status: int,
+    status: int, transport: str,
 ) -> None:
     """The simulator's own encoder cannot nest this deep, so a bare aiohttp server on
     loopback sends it: real HTTP through the real SDK, like every other test here."""
@@ -412,7 +418,8 @@ async def test_a_body_nested_past_what_json_can_parse_is_a_failure_not_a_crash(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    chat = ChatClient(base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET, timeout_s=5)
+    chat = client_for(transport, base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET,
+                      timeout_s=5)
     try:
         attempt = await chat.complete(BODY)
     finally:

@@ -8,9 +8,11 @@ sentence for people, and its periodic progress line includes the ETA.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -156,6 +158,18 @@ def captured() -> Iterator[list[logging.LogRecord]]:
     logger.setLevel(level)
 
 
+def _failures_recorded(job: JobFiles) -> int:
+    """Failures committed to the job's index (read-only: the run holds it open)."""
+    db = job.output.with_name("job.state") / "rows.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM failures").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 async def test_progress_every_ten_seconds_with_eta_as_json_and_as_text(
     tmp_path: Path, server: Simulator, captured: list[logging.LogRecord]
 ) -> None:
@@ -171,9 +185,12 @@ async def test_progress_every_ten_seconds_with_eta_as_json_and_as_text(
     run = asyncio.create_task(run_job(JobConfig.load(job.job_path), RunOptions(
         clock=clock, expose_signal_handler=handlers.append)))
     deadline = time.monotonic() + 20
-    while not (server.stats.by_status.get(400) == 4 and server.stats.in_flight == 8):
+    while not (server.stats.by_status.get(400) == 4 and server.stats.in_flight == 8
+               and _failures_recorded(job) == 4):  # the 4 answers taken in, not just sent
         assert time.monotonic() < deadline and not run.done()
         await asyncio.sleep(0.005)
+    for _ in range(10):  # the rows' tasks resume after their commit returns
+        await asyncio.sleep(0)
 
     await clock.advance_to(PROGRESS_EVERY_S - 0.5)
     assert not [r for r in captured if getattr(r, "event", None) == "progress"]
@@ -272,18 +289,18 @@ def test_the_runners_own_signal_handling_is_untouched_once_sending_starts(
     with the run's summary (not the CLI's planning handler)."""
     import os
 
-    from batchgpt.client import ChatClient
+    from batchgpt.transport import LeanClient
 
-    real = ChatClient.complete
+    real = LeanClient.complete  # the default api.transport's client
     sent = []
 
-    async def complete(self: ChatClient, body: Any) -> Any:
+    async def complete(self: LeanClient, body: Any) -> Any:
         if not sent:
             os.kill(os.getpid(), signal.SIGTERM)
         sent.append(body)
         return await real(self, body)
 
-    monkeypatch.setattr(ChatClient, "complete", complete)
+    monkeypatch.setattr(LeanClient, "complete", complete)
     path = job.write(articles(20), limits={"concurrency": 1})
     result = cli("run", path, "--log-format", "json")
     assert result.exit_code == 143, result.output

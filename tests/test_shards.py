@@ -175,3 +175,27 @@ def test_a_redis_urls_password_is_never_shown() -> None:
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:[REDACTED]@host:6379/0"
     assert redact_url("rediss://app:s3cret@host/1") == "rediss://app:[REDACTED]@host/1"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_part_rerun_after_rows_were_appended_sends_only_its_new_rows(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    # A part's resume may start after the input's verified prefix: the rows of the other
+    # parts in it are not this part's, and appended rows are sent by their own part only.
+    job.write(articles(30))
+    run_parts(job, cli, 3)
+    assert sim.stats.requests == 30
+    run_parts(job, cli, 3)  # a no-op for every part
+    assert sim.stats.requests == 30
+    with job.input.open("a", encoding="utf-8") as fh:
+        for record in articles(9, start=31):
+            fh.write(json.dumps(record) + "\n")
+    sent_by_part = []
+    for k in range(3):
+        before = sim.stats.requests
+        assert cli("run", job.job_path, "--shard", f"{k}/3").exit_code == 0
+        sent_by_part.append(sim.stats.requests - before)
+    new_ids = [f"a{i:04d}" for i in range(31, 40)]
+    assert sent_by_part == [sum(shard_of(i, 3) == k for i in new_ids) for k in range(3)]
+    assert cli("merge", job.job_path).exit_code == 0
+    assert sorted(r["custom_id"] for r in read_jsonl(job.output)) == \
+        [f"a{i:04d}" for i in range(1, 40)]

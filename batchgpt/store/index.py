@@ -98,6 +98,9 @@ CREATE TABLE IF NOT EXISTS spend (
     reasoning_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+-- Results taken over without a request hash, found without reading every result (each
+-- plan, status and dry run asks whether there are any).
+CREATE INDEX IF NOT EXISTS results_unadopted ON results (custom_id) WHERE req_hash IS NULL;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started_at TEXT NOT NULL,
@@ -534,7 +537,9 @@ class Index:
                       r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_tokens,
                       r.usage.reasoning_tokens, run_id, now, r.tag) for r in results],
                 )
-                db.executemany("DELETE FROM failures WHERE custom_id = ?", [(i,) for i in ids])
+                if db.execute("SELECT 1 FROM failures LIMIT 1").fetchone() is not None:
+                    db.executemany("DELETE FROM failures WHERE custom_id = ?",
+                                   [(i,) for i in ids])
                 self._add_spend(results)
             if spend:
                 db.executemany(f"{SPEND_INSERT} VALUES (?,0,?,?,?,?) {SPEND_UPSERT}",

@@ -51,12 +51,16 @@ class Fingerprint:
         return f"{self.size}:{self.inode}:{self.mtime_ns}:{self.ctime_ns}"
 
 
+# json.dumps with options builds an encoder per call; one per process will do.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_line(obj: Any) -> bytes:
     """One JSON line. Readable UTF-8 where possible; a string that can't be encoded (a
     lone surrogate a server sent as ``\\ud800``, legal JSON) is kept escaped instead of
     stopping the run, so the result is stored rather than paid for again on every rerun."""
     try:
-        return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        return (_encode(obj) + "\n").encode()
     except UnicodeEncodeError:
         return (json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
 
