@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import re
 import signal
@@ -71,6 +72,9 @@ log = logging.getLogger("batchgpt")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 META_JOB = "batchgpt_job"
 META_SUBMISSION = "batchgpt_submission"
+# Which output the batch's rows belong to: the parts of a sharded job (and jobs of the same
+# name elsewhere) share META_JOB, and must not adopt each other's batches.
+META_OUTPUT = "batchgpt_output"
 PART_TOKENS_META = "part_prompt_tokens"  # after token_limit_exceeded: smaller parts
 UPLOAD_TIMEOUT_S = 600.0
 UNANSWERED = ("batch_expired", "batch_cancelled")
@@ -251,7 +255,8 @@ class BatchRun:
         found: dict[str, Any] = {}
         async for batch in self.sdk.batches.list(limit=100):
             meta = batch.metadata or {}
-            if meta.get(META_JOB) == self.job.job_name and META_SUBMISSION in meta:
+            if (meta.get(META_JOB) == self.job.job_name[:512] and META_SUBMISSION in meta
+                    and meta.get(META_OUTPUT) in (None, self._output_tag())):
                 found[meta[META_SUBMISSION]] = batch
         return found
 
@@ -260,6 +265,9 @@ class BatchRun:
         async for f in self.sdk.files.list(purpose="batch"):
             found.setdefault(f.filename, []).append(f.id)
         return found
+
+    def _output_tag(self) -> str:
+        return hashlib.sha256(str(Path(self.job.output).resolve()).encode()).hexdigest()[:32]
 
     def _filename(self, sub: Submission) -> str:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.job.job_name)[:64]
@@ -558,7 +566,8 @@ class BatchRun:
             f"create the batch of {name}", self.sdk.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                 completion_window=self.job.batch.completion_window,
-                metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id}))
+                metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id,
+                          META_OUTPUT: self._output_tag()}))
         _step(Step.CREATED)
         self.ledger.set_submitted(sub.sub_id, batch.id, uploaded.id)
         _step(Step.SUBMIT_RECORDED)

@@ -1,0 +1,48 @@
+"""Issue 12 review: attacks on mode: batch through the real CLI and the sandbox's Batch
+API over HTTP with the real SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from batchgpt.errors import ExitCode
+from batchgpt.simulator import Simulator
+from tests.conftest import JobFiles, articles
+from tests.test_batch_mode import BATCH, assert_no_row_submitted_twice, batch_job, endpoints
+
+
+def test_an_online_run_while_batches_run_sends_none_of_their_rows_online(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    endpoints(sim).config.delay_s = 3600
+    path = batch_job(job, 4)
+    assert cli("run", path).exit_code == 5
+    job.config["mode"] = "online"  # the job file switched back while its batches run
+    path = job.write()
+    online = cli("run", path)
+    assert sim.stats.bodies == [], "rows at the provider in a batch were paid for again"
+    assert online.exit_code == ExitCode.ERROR, online.output
+    assert "batchgpt cancel" in online.output
+
+
+def test_a_shards_first_batch_run_does_not_adopt_the_batches_of_another_shard(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    bx.config.delay_s = 3600
+    path = batch_job(job, 12)
+    assert cli("run", path, "--shard", "0/2").exit_code == 5
+    part0 = sum(bx.carried.values())
+    assert 0 < part0 < 12
+    second = cli("run", path, "--shard", "1/2")
+    assert second.exit_code == 5, second.output
+    assert "adopted" not in second.output, second.output
+    bx.advance(3600)
+    assert cli("run", path, "--shard", "1/2").exit_code == 0
+    first = cli("run", path, "--shard", "0/2")
+    assert first.exit_code == 0, first.output
+    assert_no_row_submitted_twice(sim)
+    assert sum(bx.carried.values()) == 12
+    merged = cli("merge", path)
+    assert merged.exit_code == 0, merged.output
+    assert sorted(r["custom_id"] for r in job.results()) == [
+        f"a{i:04d}" for i in range(1, 13)]
