@@ -46,3 +46,33 @@ def test_a_shards_first_batch_run_does_not_adopt_the_batches_of_another_shard(
     assert merged.exit_code == 0, merged.output
     assert sorted(r["custom_id"] for r in job.results()) == [
         f"a{i:04d}" for i in range(1, 13)]
+
+
+def test_a_row_too_big_for_the_enqueued_token_limit_alone_fails_instead_of_looping(
+        job: JobFiles, sim: Simulator) -> None:
+    import asyncio
+    import signal
+
+    from batchgpt.config import JobConfig
+    from batchgpt.runner import RunOptions, run_job
+
+    rows = articles(3)
+    rows[1]["text"] = "long " * 400  # its prompt alone is past the provider's limit
+    path = job.write(rows, **BATCH)
+    endpoints(sim).config.enqueued_token_limit = 200
+    handlers: list[Any] = []
+    polls: list[int] = []
+
+    def progress(figures: dict[str, Any]) -> None:
+        polls.append(1)
+        if len(polls) > 50:  # a --wait that never ends: stop it as a SIGTERM would
+            handlers[0](signal.SIGTERM)
+
+    options = RunOptions(wait=True, progress=progress, expose_signal_handler=handlers.append)
+    result = asyncio.run(run_job(JobConfig.load(path), options))
+    assert result.exit_code == ExitCode.ROWS_RETRYABLE, (result.exit_code, len(polls))
+    (failed,) = job.failed()
+    assert failed["custom_id"] == "a0002"
+    assert failed["error"]["code"] == "token_limit_exceeded"
+    assert failed["error"]["retryable"] is True
+    assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0003"]

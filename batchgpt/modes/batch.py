@@ -432,6 +432,18 @@ class BatchRun:
         log.warning("%s", self.redact.text(f"batch {sub.batch_id} failed validation at the "
                                            f"provider: {said}"))
         if any(e.code == "token_limit_exceeded" for e in errors):
+            others = [s for s in self.ledger.submissions(live_only=True)
+                      if s.sub_id != sub.sub_id]
+            if len(rows) == 1 and not others:
+                # One row, nothing else of the job enqueued: no smaller part can pass.
+                # It fails, retryable (the limit, or other jobs' batches, may change);
+                # sent again, it would be refused again on every poll, for ever.
+                (row,) = rows.values()
+                outcomes[row.custom_id] = RowOutcome.FAILED
+                await self._fail(row, Failure(
+                    Kind.HTTP, self.redact.text(said), 400, "token_limit_exceeded",
+                    "invalid_request_error"), True)
+                return
             tokens = max(1, sub.prompt_tokens // 2)
             self.ledger.set_meta(PART_TOKENS_META, str(tokens))
             self.hold_submissions = True
