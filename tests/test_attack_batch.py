@@ -76,3 +76,17 @@ def test_a_row_too_big_for_the_enqueued_token_limit_alone_fails_instead_of_loopi
     assert failed["error"]["code"] == "token_limit_exceeded"
     assert failed["error"]["retryable"] is True
     assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0003"]
+
+
+def test_a_finished_batch_whose_output_file_is_gone_does_not_block_the_job_for_ever(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    path = batch_job(job, 3)
+    assert cli("run", path).exit_code == 5
+    (batch,) = bx.batches.values()
+    bx._step(batch)  # it completed; then its output file was deleted (or expired)
+    del bx.files[batch.output_file_id]
+    again = cli("run", path, "--wait")
+    assert "output file" in again.output and "lost" in again.output, again.output
+    assert again.exit_code == 0, again.output
+    assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0002", "a0003"]

@@ -323,18 +323,29 @@ class BatchRun:
 
     async def _collect(self, sub: Submission, batch: Any) -> None:
         """Take a finished batch's lines into the output and failures files."""
+        import openai
+
         rows = {r.custom_id: r for r in self.ledger.carried(sub.sub_id)}
         outcomes: dict[str, RowOutcome] = {}
         status = "lost" if batch is None else batch.status
         if batch is not None:
             writes: list[Coroutine[Any, Any, None]] = []
             for file_id in (batch.output_file_id, batch.error_file_id):
-                async for raw in self._lines(file_id):
-                    write = self._take_line(sub, rows, raw, outcomes)
-                    if write is not None:
-                        writes.append(write)
-                    if len(writes) >= WRITE_GROUP:
-                        await _together(writes)
+                try:
+                    async for raw in self._lines(file_id):
+                        write = self._take_line(sub, rows, raw, outcomes)
+                        if write is not None:
+                            writes.append(write)
+                        if len(writes) >= WRITE_GROUP:
+                            await _together(writes)
+                except ProviderError as exc:
+                    if not isinstance(exc.__cause__, openai.NotFoundError):
+                        raise
+                    # Deleted or expired at the provider: asking again would fail on
+                    # every run for ever. Its rows are unanswered, so sent again.
+                    log.warning("batch %s: its output file %s is lost at the provider (%s); "
+                                "the rows it answered are submitted again", sub.batch_id,
+                                file_id, exc)
             await _together(writes)
             if status == "failed":
                 await self._failed_validation(sub, batch, rows, outcomes)
