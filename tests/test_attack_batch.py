@@ -90,3 +90,40 @@ def test_a_finished_batch_whose_output_file_is_gone_does_not_block_the_job_for_e
     assert "output file" in again.output and "lost" in again.output, again.output
     assert again.exit_code == 0, again.output
     assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0002", "a0003"]
+
+
+def test_a_download_cut_short_stops_the_run_cleanly_and_the_next_run_collects_once(
+        job: JobFiles, monkeypatch: Any, cli: Any) -> None:
+    from aiohttp import web
+
+    from batchgpt.simulator import SimulatorConfig, SimulatorThread
+    from batchgpt.simulator.batches import BatchEndpoints
+
+    whole = BatchEndpoints._content
+    cut = {"on": False}
+
+    async def content(self: BatchEndpoints, request: web.Request) -> web.StreamResponse:
+        if not cut["on"]:
+            return await whole(self, request)
+        data = self.files[request.match_info["id"]].data
+        response = web.StreamResponse(headers={"Content-Length": str(len(data) + 1000)})
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        assert request.transport is not None
+        request.transport.close()  # the connection drops half-way through the file
+        return response
+
+    monkeypatch.setattr(BatchEndpoints, "_content", content)
+    with SimulatorThread(SimulatorConfig()) as sim:
+        job.config["api"] = {"base_url": sim.base_url}
+        path = batch_job(job, 6)
+        assert cli("run", path).exit_code == 5
+        cut["on"] = True
+        dropped = cli("run", path)
+        assert dropped.exit_code == ExitCode.ERROR, dropped.output
+        assert "could not send file" in dropped.output
+        cut["on"] = False
+        assert cli("run", path).exit_code == 0
+        assert sorted(r["custom_id"] for r in job.results()) == [
+            f"a{i:04d}" for i in range(1, 7)]
+        assert_no_row_submitted_twice(sim)

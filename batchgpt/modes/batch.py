@@ -305,6 +305,7 @@ class BatchRun:
     async def _lines(self, file_id: str | None) -> AsyncIterator[bytes]:
         """A provider file's lines, streamed (an output file may be hundreds of MB), each
         cleaned of the key."""
+        import httpx2
         import openai
 
         if file_id is None:
@@ -319,6 +320,8 @@ class BatchRun:
                 if rest.strip():
                     yield self.redact.data(rest)
         except openai.APIError as exc:
+            raise ProviderError(self.provider_message(f"send file {file_id}", exc)) from exc
+        except httpx2.HTTPError as exc:  # the connection dropped while the file streamed
             raise ProviderError(self.provider_message(f"send file {file_id}", exc)) from exc
 
     async def _collect(self, sub: Submission, batch: Any) -> None:
@@ -340,6 +343,8 @@ class BatchRun:
                             await _together(writes)
                 except ProviderError as exc:
                     if not isinstance(exc.__cause__, openai.NotFoundError):
+                        for write in writes:  # not taken: the next run reads them again
+                            write.close()
                         raise
                     # Deleted or expired at the provider: asking again would fail on
                     # every run for ever. Its rows are unanswered, so sent again.
