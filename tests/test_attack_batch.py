@@ -127,3 +127,27 @@ def test_a_download_cut_short_stops_the_run_cleanly_and_the_next_run_collects_on
         assert sorted(r["custom_id"] for r in job.results()) == [
             f"a{i:04d}" for i in range(1, 7)]
         assert_no_row_submitted_twice(sim)
+
+
+def test_an_error_line_that_would_stop_an_online_run_leaves_its_row_for_the_next_run(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    import json
+
+    bx = endpoints(sim)
+    path = batch_job(job, 2)
+    assert cli("run", path).exit_code == 5
+    (batch,) = bx.batches.values()
+    bx._step(batch)
+    lines = bx.files[batch.output_file_id].data.splitlines()
+    quota = {"id": "batch_req_x", "custom_id": "a0002", "error": None, "response": {
+        "status_code": 429, "request_id": "req_x", "body": {"error": {
+            "message": "You exceeded your current quota", "type": "insufficient_quota",
+            "code": "insufficient_quota"}}}}
+    bx.files[batch.output_file_id].data = lines[0] + b"\n" + json.dumps(quota).encode()
+    collected = cli("run", path)
+    assert collected.exit_code == ExitCode.ROWS_RETRYABLE, collected.output
+    (failed,) = job.failed()
+    assert failed["error"]["code"] == "insufficient_quota"
+    assert failed["error"]["retryable"] is True  # as online: not failed for good
+    assert cli("run", path, "--wait").exit_code == 0
+    assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0002"]

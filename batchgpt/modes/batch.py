@@ -398,7 +398,10 @@ class BatchRun:
             outcomes[carried.custom_id] = RowOutcome.RETRY
             return None
         outcomes[carried.custom_id] = RowOutcome.FAILED
-        transient = decision.action is Action.FAIL_ROW and decision.transient
+        # A stop-the-run answer (quota, key, model) is about the account, not the row: as
+        # online, where it stops the run, the row is left for a later run.
+        transient = decision.action is Action.STOP_RUN or (
+            decision.action is Action.FAIL_ROW and decision.transient)
         return self._fail(carried, failure, transient)
 
     async def _succeed(self, sub: Submission, row: CarriedRow, response: dict[str, Any]
