@@ -3,7 +3,6 @@ API over HTTP with the real SDK."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from batchgpt.errors import ExitCode
@@ -151,3 +150,57 @@ def test_an_error_line_that_would_stop_an_online_run_leaves_its_row_for_the_next
     assert failed["error"]["retryable"] is True  # as online: not failed for good
     assert cli("run", path, "--wait").exit_code == 0
     assert sorted(r["custom_id"] for r in job.results()) == ["a0001", "a0002"]
+
+
+def test_a_row_edited_while_its_batch_runs_is_not_reported_done_by_its_stale_answer(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    bx.config.delay_s = 100
+    path = batch_job(job, 3)
+    assert cli("run", path).exit_code == 5
+    rows = articles(3)
+    rows[1]["text"] = "EDITED while its batch runs"
+    job.write(rows)
+    bx.advance(100)
+    collected = cli("run", path)  # takes the old request's answer; the new one is unsent
+    assert collected.exit_code == ExitCode.BATCH_PENDING, collected.output
+    assert job.summary()["requests"]["succeeded"] == 2
+    bx.advance(100)
+    assert cli("run", path).exit_code == 0
+    by_id = {r["custom_id"]: r for r in job.results()}
+    content = by_id["a0002"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert "EDITED" in content
+    assert job.summary()["requests"]["succeeded"] == 3
+
+
+def test_a_row_removed_while_its_batch_runs_leaves_no_negative_pending(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    bx.config.delay_s = 100
+    path = batch_job(job, 3)
+    assert cli("run", path).exit_code == 5
+    job.write(articles(2))
+    bx.advance(100)
+    collected = cli("run", path)
+    assert collected.exit_code == 0, collected.output
+    requests = job.summary()["requests"]
+    assert requests["succeeded"] == 2 and requests["pending"] == 0, requests
+
+
+def test_a_row_edited_and_edited_back_while_its_batch_runs_keeps_its_result(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    path = batch_job(job, 2)
+    assert cli("run", path, "--wait").exit_code == 0
+    rows = articles(2)
+    rows[1]["text"] = "a second thought"
+    bx.config.delay_s = 100
+    job.write(rows)
+    assert cli("run", path).exit_code == 5  # the edited request goes in a batch
+    job.write(articles(2))  # and the edit is undone: the first result is current again
+    bx.advance(100)
+    assert cli("run", path).exit_code == 0
+    assert cli("run", path).exit_code == 0
+    assert bx.carried["a0002"] == 2, "the request that had its result was paid for again"
+    (line,) = [r for r in job.results() if r["custom_id"] == "a0002"]
+    assert "second thought" not in line["response"]["body"]["choices"][0]["message"]["content"]

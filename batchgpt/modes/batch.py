@@ -27,12 +27,14 @@ without, it exits 5 while batches are running. Only the openai SDK's ``files`` a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import hashlib
 import logging
 import re
 import signal
 import uuid
+from array import array
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +47,7 @@ from batchgpt.errors import BatchGPTError, ExitCode, StateError
 from batchgpt.logs import event
 from batchgpt.modes.batch_files import Packer, Part, request_line
 from batchgpt.modes.lines import failure_line, failure_of, parse_line, result_line
-from batchgpt.plan import Plan, planned_rows
+from batchgpt.plan import Plan, planned_rows, row_check
 from batchgpt.pricing import Usage, batch_key, cost_usd, price_usage, resolve_price
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, render_table
@@ -123,6 +125,7 @@ class BatchRun:
         self.ledger = BatchLedger.open(job.state_dir)
         self.stats = RunStats()
         self.settled: set[str] = set()  # rows this run took a result or failure for
+        self._planned: array[int] | None = None  # the plan's row checks, sorted
         self.redact = Redactor.for_key(job.api.api_key_env)
         self.client: openai.AsyncOpenAI | None = None
         self.stop_reason: StopReason | None = None
@@ -404,9 +407,19 @@ class BatchRun:
             decision.action is Action.FAIL_ROW and decision.transient)
         return self._fail(carried, failure, transient)
 
+    def _current(self, row: CarriedRow) -> bool:
+        """Whether the row's request is the one the plan sends for it: not one the input
+        changed (or removed) while its batch ran. (The plan's checks, sorted once.)"""
+        if self._planned is None:
+            self._planned = array("q", sorted(self.plan.checks))
+        check = row_check(row.custom_id, row.request_hash)
+        i = bisect.bisect_left(self._planned, check)
+        return i < len(self._planned) and self._planned[i] == check
+
     async def _succeed(self, sub: Submission, row: CarriedRow, response: dict[str, Any]
                        ) -> None:
-        if row.custom_id not in self.store.unsettled([(row.custom_id, row.request_hash)]):
+        held = self.store.unsettled([(row.custom_id, row.request_hash)])
+        if row.custom_id not in held:
             return  # taken by a run killed before recording it
         body: dict[str, Any] = response["body"]
         echoed = body.get("model")
@@ -418,6 +431,17 @@ class BatchRun:
                            request_id if isinstance(request_id, str) else None, body)
         writer = self.store.writer
         assert writer is not None
+        if not self._current(row):
+            # The answer to a request the input no longer holds: paid for, so counted; kept
+            # only for a row without any result (never in place of one), and the row's
+            # current request is still to send.
+            self.stats.add_usage(model, usage)
+            if held[row.custom_id].has_result:
+                await writer.put_spend(model, usage)
+            else:
+                await writer.put_result(row.custom_id, row.request_hash, line, row.attempt,
+                                        model, usage)
+            return
         await writer.put_result(row.custom_id, row.request_hash, line, row.attempt, model,
                                 usage)
         self.settled.add(row.custom_id)
@@ -429,10 +453,15 @@ class BatchRun:
         stored = self.store.lookup([row.custom_id]).get(row.custom_id)
         if stored is not None and stored.failure is not None and stored.failure.line == line:
             return  # this very line was recorded by a run killed before the ledger knew
+        current = self._current(row)
+        if not current and stored is not None:
+            return  # a request the input no longer holds: never in place of what is kept
         writer = self.store.writer
         assert writer is not None
         await writer.put_failure(row.custom_id, row.request_hash, line, row.attempt,
                                  failure.error_code, transient)
+        if not current:
+            return  # not this row's answer: its current request is still to send
         self.settled.add(row.custom_id)
         self.stats.failed += 1
         self.stats.failed_codes[failure.error_code] += 1
