@@ -204,3 +204,18 @@ def test_a_row_edited_and_edited_back_while_its_batch_runs_keeps_its_result(
     assert bx.carried["a0002"] == 2, "the request that had its result was paid for again"
     (line,) = [r for r in job.results() if r["custom_id"] == "a0002"]
     assert "second thought" not in line["response"]["body"]["choices"][0]["message"]["content"]
+
+
+def test_the_providers_validation_errors_reach_no_file_with_the_api_key(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    path = batch_job(job, 2)
+    assert cli("run", path).exit_code == 5
+    (batch,) = bx.batches.values()
+    batch.invalid = [{"code": "invalid_request", "line": None, "param": None,
+                      "message": "Bearer sk-test-key is not allowed here"}]
+    refused = cli("run", path)
+    assert "sk-test-key" not in refused.output
+    assert job.failed() and "sk-test-key" not in job.failures.read_text()
+    ledger = job.output.with_name("job.state") / "batches.sqlite"
+    assert b"sk-test-key" not in ledger.read_bytes()

@@ -30,6 +30,7 @@ import asyncio
 import bisect
 import enum
 import hashlib
+import json
 import logging
 import re
 import signal
@@ -191,7 +192,7 @@ class BatchRun:
         unsure = [s for s in self.ledger.submissions(live_only=True)
                   if s.state is not SubState.SUBMITTED]
         if self.ledger_new:
-            for sub_id, batch in (await self._batches_of_job()).items():
+            for sub_id, batch in (await self._batches_of_job(own_output=True)).items():
                 await self._adopt(sub_id, batch)
         if unsure:
             batches = await self._batches_of_job()
@@ -253,13 +254,15 @@ class BatchRun:
                             worst_usd=worst)
         self.ledger.set_submitted(sub_id, batch.id, batch.input_file_id)
 
-    async def _batches_of_job(self) -> dict[str, Any]:
-        """The provider's batches of this job, by submission id (from their metadata)."""
+    async def _batches_of_job(self, own_output: bool = False) -> dict[str, Any]:
+        """The provider's batches of this job, by submission id (from their metadata);
+        ``own_output``: only those of this output (not another part of a sharded job)."""
         found: dict[str, Any] = {}
         async for batch in self.sdk.batches.list(limit=100):
             meta = batch.metadata or {}
             if (meta.get(META_JOB) == self.job.job_name[:512] and META_SUBMISSION in meta
-                    and meta.get(META_OUTPUT) in (None, self._output_tag())):
+                    and (not own_output
+                         or meta.get(META_OUTPUT) in (None, self._output_tag()))):
                 found[meta[META_SUBMISSION]] = batch
         return found
 
@@ -300,8 +303,9 @@ class BatchRun:
                 sub.sub_id, batch.status,
                 {"total": counts.total, "completed": counts.completed,
                  "failed": counts.failed} if counts is not None else {},
-                batch.expires_at, [e.model_dump() for e in (batch.errors.data or [])]
-                if batch.errors is not None else [])
+                batch.expires_at, json.loads(self.redact.text(json.dumps(
+                    [e.model_dump() for e in (batch.errors.data or [])]
+                    if batch.errors is not None else []))))
             if batch.status in TERMINAL:
                 await self._collect(sub, batch)
 
@@ -475,8 +479,9 @@ class BatchRun:
         limit sends its rows again later in smaller parts; an error naming a line fails
         that line's row (the others go again); any other error fails every row."""
         errors = list(batch.errors.data or []) if batch.errors is not None else []
-        said = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
-                         for e in errors[:5]) or "no reason given"
+        said = self.redact.text(
+            "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                      for e in errors[:5]) or "no reason given")
         log.warning("%s", self.redact.text(f"batch {sub.batch_id} failed validation at the "
                                            f"provider: {said}"))
         if any(e.code == "token_limit_exceeded" for e in errors):
@@ -489,7 +494,7 @@ class BatchRun:
                 (row,) = rows.values()
                 outcomes[row.custom_id] = RowOutcome.FAILED
                 await self._fail(row, Failure(
-                    Kind.HTTP, self.redact.text(said), 400, "token_limit_exceeded",
+                    Kind.HTTP, said, 400, "token_limit_exceeded",
                     "invalid_request_error"), True)
                 return
             tokens = max(1, sub.prompt_tokens // 2)
@@ -505,7 +510,7 @@ class BatchRun:
         for number, error in sorted(by_line.items()):
             if 1 <= number <= len(order):
                 failing.append((order[number - 1], Failure(
-                    Kind.HTTP, str(error.message), 400, str(error.code),
+                    Kind.HTTP, self.redact.text(str(error.message)), 400, str(error.code),
                     "invalid_request_error")))
         if not by_line:
             first = errors[0] if errors else None
