@@ -845,7 +845,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
 
             return await run_batch(job, options, store, plan, source)
         if plan.to_send:
-            _refuse_live_batches(job)
+            _refuse_live_batches(job, options.shard)
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)
@@ -865,7 +865,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         store.close()
 
 
-def _refuse_live_batches(job: JobConfig) -> None:
+def _refuse_live_batches(job: JobConfig, shard: Shard | None) -> None:
     """An online run of a job whose batches still run at the provider (its job file
     switched from ``mode: batch``) would send their rows again and pay for them twice."""
     from batchgpt.store.batches import BatchLedger
@@ -883,8 +883,8 @@ def _refuse_live_batches(job: JobConfig) -> None:
             f"{job.job_name}: {rows:,} rows in {len(live):,} batches are still at the "
             "provider (mode: batch); an online run would pay for them again. Run the job "
             "with mode: batch until they are collected, or `batchgpt cancel "
-            f"{job.source or job.job_name}` and then run it with mode: batch once to collect "
-            "what they finished")
+            f"{job.source or job.job_name}" + (f" --shard {shard}" if shard else "")
+            + "` and then run it with mode: batch once to collect what they finished")
 
 
 def _settle_in_flight_record(store: Store, run: _Run) -> None:

@@ -219,3 +219,14 @@ def test_the_providers_validation_errors_reach_no_file_with_the_api_key(
     assert job.failed() and "sk-test-key" not in job.failures.read_text()
     ledger = job.output.with_name("job.state") / "batches.sqlite"
     assert b"sk-test-key" not in ledger.read_bytes()
+
+
+def test_cancel_reaches_the_batches_of_a_part_of_a_sharded_job(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    bx = endpoints(sim)
+    bx.config.delay_s = 1000
+    path = batch_job(job, 8)
+    assert cli("run", path, "--shard", "1/2").exit_code == 5
+    cancelled = cli("cancel", path, "--shard", "1/2")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert {b.status for b in bx.batches.values()} == {"cancelled"}

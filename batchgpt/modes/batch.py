@@ -730,11 +730,13 @@ async def cancel_job(job: JobConfig, options: RunOptions) -> RunResult:
     """``batchgpt cancel JOB``: cancel the job's running batches and collect what they
     finished (batches still cancelling are collected by the next run)."""
     from batchgpt.plan import make_plan
+    from batchgpt.shard import part_job, shard_input
 
+    job = part_job(job, options.shard)
     store = Store(job)
     store.open()
     try:
-        source = InputFile(job)
+        source = shard_input(job, options.shard)
         plan = make_plan(job, source, store, retry_failed=False, limit=None)
         return await _drive(job, options, store, plan, source, cancel=True)
     finally:
@@ -748,8 +750,9 @@ async def _drive(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
         if options.fresh:
             if run.ledger.submissions(live_only=True):
                 raise StateError(f"--fresh: {job.job_name} has batches running at the "
-                                 f"provider; run `batchgpt cancel {job.source or job.job_name}` "
-                                 "first (it collects what they finished)")
+                                 f"provider; run `batchgpt cancel {job.source or job.job_name}"
+                                 + (f" --shard {options.shard}" if options.shard else "")
+                                 + "` first (it collects what they finished)")
             for src, dst in store.set_aside_previous():
                 log.info("--fresh: moved %s to %s", src, dst)
             run.ledger.forget_all()
