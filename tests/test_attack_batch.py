@@ -230,3 +230,18 @@ def test_cancel_reaches_the_batches_of_a_part_of_a_sharded_job(
     cancelled = cli("cancel", path, "--shard", "1/2")
     assert cancelled.exit_code == 0, cancelled.output
     assert {b.status for b in bx.batches.values()} == {"cancelled"}
+
+
+def test_a_shared_budget_is_refused_in_batch_mode_not_silently_ignored(tmp_path: Any) -> None:
+    import pytest
+
+    from batchgpt.config import JobConfig
+    from batchgpt.errors import ConfigError
+
+    path = tmp_path / "j.yaml"
+    path.write_text("input: in.jsonl\noutput: out.jsonl\nmode: batch\nlimits:\n"
+                    "  max_cost_usd: 5\n  shared_budget: true\n"
+                    "  redis_url: redis://127.0.0.1:6379/0\n")
+    # Each part of a sharded batch job would count only its own spend against the cap.
+    with pytest.raises(ConfigError, match="shared_budget"):
+        JobConfig.load(path)
