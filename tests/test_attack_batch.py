@@ -245,3 +245,32 @@ def test_a_shared_budget_is_refused_in_batch_mode_not_silently_ignored(tmp_path:
     # Each part of a sharded batch job would count only its own spend against the cap.
     with pytest.raises(ConfigError, match="shared_budget"):
         JobConfig.load(path)
+
+
+def test_a_create_whose_answer_is_lost_is_not_retried_into_a_second_batch(
+        job: JobFiles, monkeypatch: Any, cli: Any) -> None:
+    from aiohttp import web
+
+    from batchgpt.simulator import SimulatorConfig, SimulatorThread
+    from batchgpt.simulator.batches import BatchEndpoints
+
+    create = BatchEndpoints._create
+    lost = {"n": 1}
+
+    async def created_then_500(self: BatchEndpoints, request: web.Request) -> web.Response:
+        response = await create(self, request)  # the batch exists at the provider...
+        if lost["n"]:
+            lost["n"] -= 1  # ...but its answer is lost (a 500 from a proxy, a timeout)
+            return web.json_response({"error": {"message": "upstream failed", "type":
+                                                "server_error", "code": None}}, status=500)
+        return response
+
+    monkeypatch.setattr(BatchEndpoints, "_create", created_then_500)
+    with SimulatorThread(SimulatorConfig()) as sim:
+        job.config["api"] = {"base_url": sim.base_url}
+        path = batch_job(job, 3)
+        cli("run", path, "--wait")
+        assert_no_row_submitted_twice(sim)
+        assert cli("run", path, "--wait").exit_code == 0
+        assert_no_row_submitted_twice(sim)
+        assert len(job.results()) == 3

@@ -147,7 +147,8 @@ class BatchRun:
 
         self.redact = self.redact.with_secrets(key)
         # The SDK's own retries (2, with backoff) are the only retry layer of these
-        # control calls: no row is re-sent by them, only a file, a create or a poll.
+        # control calls: no row is re-sent by them, only a file or a poll (a create is
+        # never retried: see _submit).
         self.client = openai.AsyncOpenAI(
             api_key=key, base_url=base_url, organization=self.job.api.organization,
             project=self.job.api.project, timeout=self.job.timeout_s, max_retries=2)
@@ -627,12 +628,22 @@ class BatchRun:
         _step(Step.UPLOADED)
         self.ledger.set_uploaded(sub.sub_id, uploaded.id)
         _step(Step.UPLOAD_RECORDED)
-        batch = await self._call(
-            f"create the batch of {name}", self.sdk.batches.create(
-                input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                completion_window=self.job.batch.completion_window,
-                metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id,
-                          META_OUTPUT: self._output_tag()}))
+        try:
+            # Never retried by the SDK: a create whose answer was lost (a timeout, a 5xx)
+            # may have made the batch, and a retry would make a second one, paid twice.
+            batch = await self._call(
+                f"create the batch of {name}",
+                self.sdk.with_options(max_retries=0).batches.create(
+                    input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                    completion_window=self.job.batch.completion_window,
+                    metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id,
+                              META_OUTPUT: self._output_tag()}))
+        except ProviderError:
+            batch = (await self._batches_of_job()).get(sub.sub_id)
+            if batch is None:
+                raise  # not made: the next run deletes the file and submits the rows
+            log.info("the answer to creating batch %s was lost; it was created",
+                     batch.id)
         _step(Step.CREATED)
         self.ledger.set_submitted(sub.sub_id, batch.id, uploaded.id)
         _step(Step.SUBMIT_RECORDED)
