@@ -360,17 +360,21 @@ def status(
 def cancel(
     job_path: JobArg,
     log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="K/N", help="The batches of part K of N of a sharded job.")
+                     ] = None,
 ) -> None:
     """mode: batch: cancel the job's running batches and collect what they finished."""
     if log_format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--log-format")
+    part = _shard(shard)
     setup_logging(log_format, None, False)
     from batchgpt.modes.batch import cancel_job
     from batchgpt.runner import RunOptions
 
     job = _load(job_path)
     bind_job(job.job_name)
-    result = asyncio.run(cancel_job(job, RunOptions(handle_signals=True)))
+    result = asyncio.run(cancel_job(job, RunOptions(handle_signals=True, shard=part)))
     event(log, logging.INFO if result.exit_code == 0 else logging.WARNING, "outcome", "%s",
           result.message, outcome=result.outcome.value, exit_code=int(result.exit_code),
           output=str(job.output))

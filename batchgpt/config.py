@@ -414,6 +414,12 @@ class JobConfig(_Strict):
                         "re-asked or sent to another model, as it arrives); a Batch API "
                         f"batch is sent and answered as a whole. Remove {key} or set "
                         "mode: online", at=(key,))
+            if self.limits.shared_budget:
+                raise SettingError(
+                    "limits.shared_budget works in online mode only: in mode: batch each "
+                    "part of a sharded job would hold max_cost_usd alone. Remove it, and "
+                    "give each part its share of the cap, or set mode: online",
+                    at=("limits", "shared_budget"))
         return self
 
     @model_validator(mode="after")

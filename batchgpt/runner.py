@@ -846,6 +846,8 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
             from batchgpt.modes.batch import run_batch
 
             return await run_batch(job, options, store, plan, source)
+        if plan.to_send:
+            _refuse_live_batches(job, options.shard)
         # A missing or bad key: before anything moves.
         credentials = (resolve_credentials(job.api, None)
                        if plan.to_send and not options.sandbox else None)
@@ -863,6 +865,28 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
         if shared is not None:
             await shared.aclose()
         store.close()
+
+
+def _refuse_live_batches(job: JobConfig, shard: Shard | None) -> None:
+    """An online run of a job whose batches still run at the provider (its job file
+    switched from ``mode: batch``) would send their rows again and pay for them twice."""
+    from batchgpt.store.batches import BatchLedger
+
+    ledger = BatchLedger.open_readonly(job.state_dir)
+    if ledger is None:
+        return
+    try:
+        live = ledger.submissions(live_only=True)
+    finally:
+        ledger.close()
+    if live:
+        rows = sum(s.rows for s in live)
+        raise StateError(
+            f"{job.job_name}: {rows:,} rows in {len(live):,} batches are still at the "
+            "provider (mode: batch); an online run would pay for them again. Run the job "
+            "with mode: batch until they are collected, or `batchgpt cancel "
+            f"{job.source or job.job_name}" + (f" --shard {shard}" if shard else "")
+            + "` and then run it with mode: batch once to collect what they finished")
 
 
 def _settle_in_flight_record(store: Store, run: _Run) -> None:

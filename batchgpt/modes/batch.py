@@ -27,11 +27,15 @@ without, it exits 5 while batches are running. Only the openai SDK's ``files`` a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
+import hashlib
+import json
 import logging
 import re
 import signal
 import uuid
+from array import array
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +48,7 @@ from batchgpt.errors import BatchGPTError, ExitCode, StateError
 from batchgpt.logs import event
 from batchgpt.modes.batch_files import Packer, Part, request_line
 from batchgpt.modes.lines import failure_line, failure_of, parse_line, result_line
-from batchgpt.plan import Plan, planned_rows
+from batchgpt.plan import Plan, planned_rows, row_check
 from batchgpt.pricing import Usage, batch_key, cost_usd, price_usage, resolve_price
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, render_table
@@ -71,6 +75,9 @@ log = logging.getLogger("batchgpt")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 META_JOB = "batchgpt_job"
 META_SUBMISSION = "batchgpt_submission"
+# Which output the batch's rows belong to: the parts of a sharded job (and jobs of the same
+# name elsewhere) share META_JOB, and must not adopt each other's batches.
+META_OUTPUT = "batchgpt_output"
 PART_TOKENS_META = "part_prompt_tokens"  # after token_limit_exceeded: smaller parts
 UPLOAD_TIMEOUT_S = 600.0
 UNANSWERED = ("batch_expired", "batch_cancelled")
@@ -119,6 +126,7 @@ class BatchRun:
         self.ledger = BatchLedger.open(job.state_dir)
         self.stats = RunStats()
         self.settled: set[str] = set()  # rows this run took a result or failure for
+        self._planned: array[int] | None = None  # the plan's row checks, sorted
         self.redact = Redactor.for_key(job.api.api_key_env)
         self.client: openai.AsyncOpenAI | None = None
         self.stop_reason: StopReason | None = None
@@ -139,7 +147,8 @@ class BatchRun:
 
         self.redact = self.redact.with_secrets(key)
         # The SDK's own retries (2, with backoff) are the only retry layer of these
-        # control calls: no row is re-sent by them, only a file, a create or a poll.
+        # control calls: no row is re-sent by them, only a file or a poll (a create is
+        # never retried: see _submit).
         self.client = openai.AsyncOpenAI(
             api_key=key, base_url=base_url, organization=self.job.api.organization,
             project=self.job.api.project, timeout=self.job.timeout_s, max_retries=2)
@@ -184,7 +193,7 @@ class BatchRun:
         unsure = [s for s in self.ledger.submissions(live_only=True)
                   if s.state is not SubState.SUBMITTED]
         if self.ledger_new:
-            for sub_id, batch in (await self._batches_of_job()).items():
+            for sub_id, batch in (await self._batches_of_job(own_output=True)).items():
                 await self._adopt(sub_id, batch)
         if unsure:
             batches = await self._batches_of_job()
@@ -246,12 +255,15 @@ class BatchRun:
                             worst_usd=worst)
         self.ledger.set_submitted(sub_id, batch.id, batch.input_file_id)
 
-    async def _batches_of_job(self) -> dict[str, Any]:
-        """The provider's batches of this job, by submission id (from their metadata)."""
+    async def _batches_of_job(self, own_output: bool = False) -> dict[str, Any]:
+        """The provider's batches of this job, by submission id (from their metadata);
+        ``own_output``: only those of this output (not another part of a sharded job)."""
         found: dict[str, Any] = {}
         async for batch in self.sdk.batches.list(limit=100):
             meta = batch.metadata or {}
-            if meta.get(META_JOB) == self.job.job_name and META_SUBMISSION in meta:
+            if (meta.get(META_JOB) == self.job.job_name[:512] and META_SUBMISSION in meta
+                    and (not own_output
+                         or meta.get(META_OUTPUT) in (None, self._output_tag()))):
                 found[meta[META_SUBMISSION]] = batch
         return found
 
@@ -260,6 +272,9 @@ class BatchRun:
         async for f in self.sdk.files.list(purpose="batch"):
             found.setdefault(f.filename, []).append(f.id)
         return found
+
+    def _output_tag(self) -> str:
+        return hashlib.sha256(str(Path(self.job.output).resolve()).encode()).hexdigest()[:32]
 
     def _filename(self, sub: Submission) -> str:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.job.job_name)[:64]
@@ -289,14 +304,16 @@ class BatchRun:
                 sub.sub_id, batch.status,
                 {"total": counts.total, "completed": counts.completed,
                  "failed": counts.failed} if counts is not None else {},
-                batch.expires_at, [e.model_dump() for e in (batch.errors.data or [])]
-                if batch.errors is not None else [])
+                batch.expires_at, json.loads(self.redact.text(json.dumps(
+                    [e.model_dump() for e in (batch.errors.data or [])]
+                    if batch.errors is not None else []))))
             if batch.status in TERMINAL:
                 await self._collect(sub, batch)
 
     async def _lines(self, file_id: str | None) -> AsyncIterator[bytes]:
         """A provider file's lines, streamed (an output file may be hundreds of MB), each
         cleaned of the key."""
+        import httpx2
         import openai
 
         if file_id is None:
@@ -312,21 +329,36 @@ class BatchRun:
                     yield self.redact.data(rest)
         except openai.APIError as exc:
             raise ProviderError(self.provider_message(f"send file {file_id}", exc)) from exc
+        except httpx2.HTTPError as exc:  # the connection dropped while the file streamed
+            raise ProviderError(self.provider_message(f"send file {file_id}", exc)) from exc
 
     async def _collect(self, sub: Submission, batch: Any) -> None:
         """Take a finished batch's lines into the output and failures files."""
+        import openai
+
         rows = {r.custom_id: r for r in self.ledger.carried(sub.sub_id)}
         outcomes: dict[str, RowOutcome] = {}
         status = "lost" if batch is None else batch.status
         if batch is not None:
             writes: list[Coroutine[Any, Any, None]] = []
             for file_id in (batch.output_file_id, batch.error_file_id):
-                async for raw in self._lines(file_id):
-                    write = self._take_line(sub, rows, raw, outcomes)
-                    if write is not None:
-                        writes.append(write)
-                    if len(writes) >= WRITE_GROUP:
-                        await _together(writes)
+                try:
+                    async for raw in self._lines(file_id):
+                        write = self._take_line(sub, rows, raw, outcomes)
+                        if write is not None:
+                            writes.append(write)
+                        if len(writes) >= WRITE_GROUP:
+                            await _together(writes)
+                except ProviderError as exc:
+                    if not isinstance(exc.__cause__, openai.NotFoundError):
+                        for write in writes:  # not taken: the next run reads them again
+                            write.close()
+                        raise
+                    # Deleted or expired at the provider: asking again would fail on
+                    # every run for ever. Its rows are unanswered, so sent again.
+                    log.warning("batch %s: its output file %s is lost at the provider (%s); "
+                                "the rows it answered are submitted again", sub.batch_id,
+                                file_id, exc)
             await _together(writes)
             if status == "failed":
                 await self._failed_validation(sub, batch, rows, outcomes)
@@ -374,12 +406,25 @@ class BatchRun:
             outcomes[carried.custom_id] = RowOutcome.RETRY
             return None
         outcomes[carried.custom_id] = RowOutcome.FAILED
-        transient = decision.action is Action.FAIL_ROW and decision.transient
+        # A stop-the-run answer (quota, key, model) is about the account, not the row: as
+        # online, where it stops the run, the row is left for a later run.
+        transient = decision.action is Action.STOP_RUN or (
+            decision.action is Action.FAIL_ROW and decision.transient)
         return self._fail(carried, failure, transient)
+
+    def _current(self, row: CarriedRow) -> bool:
+        """Whether the row's request is the one the plan sends for it: not one the input
+        changed (or removed) while its batch ran. (The plan's checks, sorted once.)"""
+        if self._planned is None:
+            self._planned = array("q", sorted(self.plan.checks))
+        check = row_check(row.custom_id, row.request_hash)
+        i = bisect.bisect_left(self._planned, check)
+        return i < len(self._planned) and self._planned[i] == check
 
     async def _succeed(self, sub: Submission, row: CarriedRow, response: dict[str, Any]
                        ) -> None:
-        if row.custom_id not in self.store.unsettled([(row.custom_id, row.request_hash)]):
+        held = self.store.unsettled([(row.custom_id, row.request_hash)])
+        if row.custom_id not in held:
             return  # taken by a run killed before recording it
         body: dict[str, Any] = response["body"]
         echoed = body.get("model")
@@ -391,6 +436,17 @@ class BatchRun:
                            request_id if isinstance(request_id, str) else None, body)
         writer = self.store.writer
         assert writer is not None
+        if not self._current(row):
+            # The answer to a request the input no longer holds: paid for, so counted; kept
+            # only for a row without any result (never in place of one), and the row's
+            # current request is still to send.
+            self.stats.add_usage(model, usage)
+            if held[row.custom_id].has_result:
+                await writer.put_spend(model, usage)
+            else:
+                await writer.put_result(row.custom_id, row.request_hash, line, row.attempt,
+                                        model, usage)
+            return
         await writer.put_result(row.custom_id, row.request_hash, line, row.attempt, model,
                                 usage)
         self.settled.add(row.custom_id)
@@ -402,10 +458,15 @@ class BatchRun:
         stored = self.store.lookup([row.custom_id]).get(row.custom_id)
         if stored is not None and stored.failure is not None and stored.failure.line == line:
             return  # this very line was recorded by a run killed before the ledger knew
+        current = self._current(row)
+        if not current and stored is not None:
+            return  # a request the input no longer holds: never in place of what is kept
         writer = self.store.writer
         assert writer is not None
         await writer.put_failure(row.custom_id, row.request_hash, line, row.attempt,
                                  failure.error_code, transient)
+        if not current:
+            return  # not this row's answer: its current request is still to send
         self.settled.add(row.custom_id)
         self.stats.failed += 1
         self.stats.failed_codes[failure.error_code] += 1
@@ -419,11 +480,24 @@ class BatchRun:
         limit sends its rows again later in smaller parts; an error naming a line fails
         that line's row (the others go again); any other error fails every row."""
         errors = list(batch.errors.data or []) if batch.errors is not None else []
-        said = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
-                         for e in errors[:5]) or "no reason given"
+        said = self.redact.text(
+            "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                      for e in errors[:5]) or "no reason given")
         log.warning("%s", self.redact.text(f"batch {sub.batch_id} failed validation at the "
                                            f"provider: {said}"))
         if any(e.code == "token_limit_exceeded" for e in errors):
+            others = [s for s in self.ledger.submissions(live_only=True)
+                      if s.sub_id != sub.sub_id]
+            if len(rows) == 1 and not others:
+                # One row, nothing else of the job enqueued: no smaller part can pass.
+                # It fails, retryable (the limit, or other jobs' batches, may change);
+                # sent again, it would be refused again on every poll, for ever.
+                (row,) = rows.values()
+                outcomes[row.custom_id] = RowOutcome.FAILED
+                await self._fail(row, Failure(
+                    Kind.HTTP, said, 400, "token_limit_exceeded",
+                    "invalid_request_error"), True)
+                return
             tokens = max(1, sub.prompt_tokens // 2)
             self.ledger.set_meta(PART_TOKENS_META, str(tokens))
             self.hold_submissions = True
@@ -437,7 +511,7 @@ class BatchRun:
         for number, error in sorted(by_line.items()):
             if 1 <= number <= len(order):
                 failing.append((order[number - 1], Failure(
-                    Kind.HTTP, str(error.message), 400, str(error.code),
+                    Kind.HTTP, self.redact.text(str(error.message)), 400, str(error.code),
                     "invalid_request_error")))
         if not by_line:
             first = errors[0] if errors else None
@@ -554,11 +628,22 @@ class BatchRun:
         _step(Step.UPLOADED)
         self.ledger.set_uploaded(sub.sub_id, uploaded.id)
         _step(Step.UPLOAD_RECORDED)
-        batch = await self._call(
-            f"create the batch of {name}", self.sdk.batches.create(
-                input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                completion_window=self.job.batch.completion_window,
-                metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id}))
+        try:
+            # Never retried by the SDK: a create whose answer was lost (a timeout, a 5xx)
+            # may have made the batch, and a retry would make a second one, paid twice.
+            batch = await self._call(
+                f"create the batch of {name}",
+                self.sdk.with_options(max_retries=0).batches.create(
+                    input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                    completion_window=self.job.batch.completion_window,
+                    metadata={META_JOB: self.job.job_name[:512], META_SUBMISSION: sub.sub_id,
+                              META_OUTPUT: self._output_tag()}))
+        except ProviderError:
+            batch = (await self._batches_of_job()).get(sub.sub_id)
+            if batch is None:
+                raise  # not made: the next run deletes the file and submits the rows
+            log.info("the answer to creating batch %s was lost; it was created",
+                     batch.id)
         _step(Step.CREATED)
         self.ledger.set_submitted(sub.sub_id, batch.id, uploaded.id)
         _step(Step.SUBMIT_RECORDED)
@@ -656,11 +741,13 @@ async def cancel_job(job: JobConfig, options: RunOptions) -> RunResult:
     """``batchgpt cancel JOB``: cancel the job's running batches and collect what they
     finished (batches still cancelling are collected by the next run)."""
     from batchgpt.plan import make_plan
+    from batchgpt.shard import part_job, shard_input
 
+    job = part_job(job, options.shard)
     store = Store(job)
     store.open()
     try:
-        source = InputFile(job)
+        source = shard_input(job, options.shard)
         plan = make_plan(job, source, store, retry_failed=False, limit=None)
         return await _drive(job, options, store, plan, source, cancel=True)
     finally:
@@ -674,8 +761,9 @@ async def _drive(job: JobConfig, options: RunOptions, store: Store, plan: Plan,
         if options.fresh:
             if run.ledger.submissions(live_only=True):
                 raise StateError(f"--fresh: {job.job_name} has batches running at the "
-                                 f"provider; run `batchgpt cancel {job.source or job.job_name}` "
-                                 "first (it collects what they finished)")
+                                 f"provider; run `batchgpt cancel {job.source or job.job_name}"
+                                 + (f" --shard {options.shard}" if options.shard else "")
+                                 + "` first (it collects what they finished)")
             for src, dst in store.set_aside_previous():
                 log.info("--fresh: moved %s to %s", src, dst)
             run.ledger.forget_all()
