@@ -97,6 +97,12 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
         if summary.requests.pending:
             incomplete.append(f"{shard} ({summary.requests.pending:,} rows pending: {rerun})")
             continue
+        # The summary is of the part's last run: the input may have changed since.
+        now = _part_requests(part, shard)
+        if now["pending"] or now["total"] != summary.requests.total:
+            incomplete.append(f"{shard} (the input changed since its last run: "
+                              f"{now['pending']:,} rows pending: {rerun})")
+            continue
         summaries.append(summary)
     if missing or incomplete:
         what = []
@@ -107,6 +113,21 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
         raise StateError(f"cannot merge {job.job_name} yet: " + ". ".join(what) +
                          ". Nothing was written")
     return summaries
+
+
+def _part_requests(part: JobConfig, shard: Shard) -> dict[str, int]:
+    """The part's rows by state against the input as it is now (as ``status`` counts)."""
+    from batchgpt.plan import make_plan
+    from batchgpt.shard import ShardInput
+    from batchgpt.store import Store
+
+    store = Store(part)
+    store.open_readonly()
+    try:
+        return make_plan(part, ShardInput(part, shard), store, retry_failed=False, limit=None,
+                         refuse_changed=False).requests()
+    finally:
+        store.close()
 
 
 def merge(job: JobConfig) -> MergeResult:

@@ -1,0 +1,96 @@
+"""Review of issue 14 (shared limits, sharded jobs): each test is a defect found, fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchgpt.simulator import Simulator
+from tests.conftest import JobFiles, articles
+
+
+def run_parts(job: JobFiles, cli: Any, n: int) -> list[int]:
+    return [cli("run", job.job_path, "--shard", f"{k}/{n}").exit_code for k in range(n)]
+
+
+def test_a_part_of_another_sharding_refuses_rather_than_paying_for_every_row_again(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    assert sim.stats.requests == 20
+    result = cli("run", job.job_path, "--shard", "0/3")
+    assert result.exit_code == 1, result.output
+    assert "2 shards" in result.output and "job.part-" in result.output
+    assert sim.stats.requests == 20  # nothing paid twice
+
+
+def test_an_unsharded_run_refuses_beside_the_parts_rather_than_paying_for_them_again(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    result = cli("run", job.job_path)
+    assert result.exit_code == 1, result.output
+    assert "--shard" in result.output
+    assert sim.stats.requests == 20
+
+
+def test_an_unsharded_run_after_a_merge_still_refuses_so_a_later_merge_loses_nothing(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    assert cli("merge", job.job_path).exit_code == 0
+    job.write(articles(30))  # 10 new rows: an unsharded run would send them into
+    result = cli("run", job.job_path)  # out/job.jsonl, which the next merge overwrites
+    assert result.exit_code == 1, result.output
+    assert sim.stats.requests == 20
+
+
+def test_parts_refuse_beside_an_unsharded_runs_results_rather_than_paying_again(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert cli("run", job.job_path).exit_code == 0
+    assert sim.stats.requests == 20
+    result = cli("run", job.job_path, "--shard", "0/2")
+    assert result.exit_code == 1, result.output
+    assert "unsharded" in result.output
+    assert sim.stats.requests == 20
+
+
+def test_parts_of_the_same_count_as_the_merge_run_again_and_merge_again(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    assert cli("merge", job.job_path).exit_code == 0
+    job.write(articles(30))
+    assert run_parts(job, cli, 2) == [0, 0]  # the job's output is the merge of these parts
+    assert sim.stats.requests == 30
+    assert cli("merge", job.job_path).exit_code == 0
+    assert len(job.results()) == 30
+
+
+def test_merge_refuses_a_part_whose_input_rows_are_not_all_done(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    job.write(articles(30))  # 10 rows the parts never saw: their summaries say "complete"
+    result = cli("merge", job.job_path)
+    assert result.exit_code == 1, result.output
+    assert "incomplete parts" in result.output and "pending" in result.output
+    assert not job.output.exists()
+    assert run_parts(job, cli, 2) == [0, 0]
+    assert cli("merge", job.job_path).exit_code == 0
+    assert len(job.results()) == 30 and job.summary()["requests"]["total"] == 30
+
+
+def test_a_redis_password_given_in_the_urls_query_is_never_shown(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    from batchgpt.limits import redact_url
+
+    assert "hunter2" not in redact_url("redis://127.0.0.1:6379/0?password=hunter2")
+    assert "hunter2" not in redact_url("unix:///run/redis.sock?db=0&password=hunter2")
+    for url in ("unix:///nonexistent/redis.sock?password=hunter2",
+                "redis://127.0.0.1:6379/0?password=hunter2&db=x"):
+        job.write(articles(3), limits={"redis_url": url})
+        result = cli("run", job.job_path)
+        assert result.exit_code == 1, result.output
+        assert "hunter2" not in result.output, result.output
+    assert sim.stats.requests == 0
