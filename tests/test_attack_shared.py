@@ -6,6 +6,7 @@ from typing import Any
 
 from batchgpt.simulator import Simulator
 from tests.conftest import JobFiles, articles
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
 
 
 def run_parts(job: JobFiles, cli: Any, n: int) -> list[int]:
@@ -94,3 +95,15 @@ def test_a_redis_password_given_in_the_urls_query_is_never_shown(
         assert result.exit_code == 1, result.output
         assert "hunter2" not in result.output, result.output
     assert sim.stats.requests == 0
+
+
+def test_a_shared_budget_is_refused_in_batch_mode_rather_than_silently_not_shared(
+        job: JobFiles, sim: Simulator, cli: Any, redis_server: RedisServer) -> None:  # noqa: F811
+    # mode: batch never connects to Redis: each part would have the whole cap to itself.
+    job.write(articles(6), mode="batch", batch={"poll_interval_s": 0.01},
+              limits={"max_cost_usd": 1.0, "redis_url": redis_server.url,
+                      "shared_budget": True})
+    result = cli("run", job.job_path, "--shard", "0/2")
+    assert result.exit_code == 1, result.output
+    assert "shared_budget" in result.output and "job.yaml:" in result.output
+    assert sim.batches is not None and sum(sim.batches.carried.values()) == 0
