@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from batchgpt.simulator import Simulator
 from tests.conftest import JobFiles, articles
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
@@ -107,3 +109,62 @@ def test_a_shared_budget_is_refused_in_batch_mode_rather_than_silently_not_share
     assert result.exit_code == 1, result.output
     assert "shared_budget" in result.output and "job.yaml:" in result.output
     assert sim.batches is not None and sum(sim.batches.carried.values()) == 0
+
+
+async def test_a_run_of_large_requests_is_not_starved_by_a_run_of_small_ones(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    # Two runs on one key, 1,000 tokens a second: run a's requests need a full bucket,
+    # run b's a tenth of one. Both ask as soon as they may (ties to a). Without an order
+    # across runs, b takes each tenth as it refills and a never goes.
+    from redis.asyncio import Redis
+
+    from batchgpt.clock import FakeClock
+    from batchgpt.limits.shared import SharedRateLimiter
+
+    clock = FakeClock(0.0)
+    clients = [Redis.from_url(redis_server.url, socket_timeout=2) for _ in range(2)]
+    a, b = (SharedRateLimiter(c, "batchgpt:limit:{starve}", None, 60_000, clock=clock)
+            for c in clients)
+    cost, next_at = {0: 1000, 1: 100}, {0: 0.0, 1: 0.0}
+    tokens: dict[int, list[float]] = {0: [], 1: []}
+    while True:
+        i = min(next_at, key=lambda j: (next_at[j], j))
+        t = next_at[i]
+        if t > 30.0:
+            break
+        await clock.advance_to(t)
+        wait = await (a, b)[i].ask(cost[i])
+        assert wait is not None
+        if wait == 0:
+            tokens[i].append(t)
+        else:
+            next_at[i] = t + wait
+    for c in clients:
+        await c.aclose()
+    # First come, first served across runs, as within one: they take turns.
+    assert len(tokens[0]) >= 20 and len(tokens[1]) >= 20, tokens
+    # and together they keep to the limit: 30 s at 1,000 a second, plus the 1 s burst
+    assert 1000 * len(tokens[0]) + 100 * len(tokens[1]) <= 31_000
+
+
+async def test_a_queued_run_that_dies_holds_the_others_back_a_second_at_most(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    from redis.asyncio import Redis
+
+    from batchgpt.clock import FakeClock
+    from batchgpt.limits.shared import SharedRateLimiter
+
+    clock = FakeClock(0.0)
+    clients = [Redis.from_url(redis_server.url, socket_timeout=2) for _ in range(2)]
+    a, b = (SharedRateLimiter(c, "batchgpt:limit:{dies}", 600, None, clock=clock)
+            for c in clients)
+    assert await a.ask(1) == pytest.approx(0.1)  # a queues for t = 0.1, then dies
+    t, wait = 0.0, await b.ask(1)
+    while wait:
+        assert wait is not None
+        t += wait
+        await clock.advance_to(t)
+        wait = await b.ask(1)
+    for c in clients:
+        await c.aclose()
+    assert 0.1 < t <= 0.1 + 1.0 + 0.02  # b goes once a's place lapsed
