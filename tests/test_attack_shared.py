@@ -168,3 +168,17 @@ async def test_a_queued_run_that_dies_holds_the_others_back_a_second_at_most(
     for c in clients:
         await c.aclose()
     assert 0.1 < t <= 0.1 + 1.0 + 0.02  # b goes once a's place lapsed
+
+
+def test_merge_still_takes_parts_copied_without_their_state_folders(
+        job: JobFiles, sim: Simulator, cli: Any) -> None:
+    import shutil
+
+    job.write(articles(20))
+    assert run_parts(job, cli, 2) == [0, 0]
+    for k in range(2):  # parts from other machines: their files, not their state
+        shutil.rmtree(job.output.with_name(f"job.part-{k}-of-2.state"))
+    result = cli("merge", job.job_path)
+    assert result.exit_code == 0, result.output
+    assert len(job.results()) == 20
+    assert not job.output.with_name("job.part-0-of-2.state").exists()  # merge only reads
