@@ -7,9 +7,10 @@ part's later line for an id wins, as in a part's own output), and the summary's 
 the sums of the parts'.
 
 It refuses, naming them, while parts are **missing** (no summary: never run to the end)
-or **incomplete** (their summary has pending rows, or a run of the part holds its lock
-now), and when ``out/x.jsonl`` holds an unsharded run's results (an index beside it, and
-no mark of an earlier merge): merging over it would drop those results. Each file is
+or **incomplete** (their summary has pending rows, rows of the input as it is now are
+not done in the part's files, or a run of the part holds its lock now), and when
+``out/x.jsonl`` holds an unsharded run's results (an index beside it, and no mark of an
+earlier merge): merging over it would drop those results. Each file is
 written beside its target and renamed over it, so a failed merge leaves the previous
 files as they were. It takes the job's lock (``out/x.state/lock``) meanwhile.
 """
@@ -100,8 +101,8 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
         # The summary is of the part's last run: the input may have changed since.
         now = _part_requests(part, shard)
         if now["pending"] or now["total"] != summary.requests.total:
-            incomplete.append(f"{shard} (the input changed since its last run: "
-                              f"{now['pending']:,} rows pending: {rerun})")
+            incomplete.append(f"{shard} (its summary is older than its files or the "
+                              f"input: {now['pending']:,} rows pending now: {rerun})")
             continue
         summaries.append(summary)
     if missing or incomplete:
