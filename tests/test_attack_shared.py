@@ -147,7 +147,7 @@ async def test_a_run_of_large_requests_is_not_starved_by_a_run_of_small_ones(
     assert 1000 * len(tokens[0]) + 100 * len(tokens[1]) <= 31_000
 
 
-async def test_a_queued_run_that_dies_holds_the_others_back_a_second_at_most(
+async def test_a_queued_run_that_dies_holds_the_others_back_no_more_than_50_ms(
         redis_server: RedisServer) -> None:  # noqa: F811
     from redis.asyncio import Redis
 
@@ -167,7 +167,8 @@ async def test_a_queued_run_that_dies_holds_the_others_back_a_second_at_most(
         wait = await b.ask(1)
     for c in clients:
         await c.aclose()
-    assert 0.1 < t <= 0.1 + 1.0 + 0.02  # b goes once a's place lapsed
+    # b goes once a is late for its time (a stall would end in a burst the server rejects)
+    assert 0.1 < t <= 0.1 + 0.05 + 0.02
 
 
 def test_merge_still_takes_parts_copied_without_their_state_folders(

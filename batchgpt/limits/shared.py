@@ -23,8 +23,9 @@ time* ``tat``: the level at time ``t`` is ``capacity − (tat − t) × rate`` (
   remaining / rate``.
 * a request that must wait queues, across runs, by when it first waited: no other run
   takes from the buckets before the head of that queue has gone (else a run of small
-  requests, taking each bit of refill, starves a run whose requests need a full bucket);
-  a place its run does not come back for (dead, cancelled) lapses a second after its time.
+  requests, taking each bit of refill, starves a run whose requests need a full bucket),
+  unless the head is 50 ms late for its time (dead, cancelled, slow): then the others go
+  on, so a dead run stalls nobody into a burst.
 
 Each caller passes its own rates (its configured or learned limit times its own slow-down
 factor), so a run that slowed down after 429s takes a larger slice of time per request
@@ -68,8 +69,10 @@ PRESENCE_S = 30  # a run not heard from for this long no longer counts in the sh
 RECONNECT_S = 1.0  # while Redis is lost, try it again at most this often
 _EPSILON = 1e-6
 # Order across runs: a request that must wait queues, and the other runs take nothing until
-# the head of the queue has gone (else a run of small requests starves one of large ones).
-# A place its run does not come back for (dead, cancelled) lapses this long after its time.
+# the head of the queue has gone (else a run of small requests starves one of large ones),
+# or is this late for its time (dead, cancelled, slow: the others go on, without a stall
+# that would end in a burst). A place its run does not come back for lapses after GRACE.
+CLAIM_HOLD_S = 0.05
 CLAIM_GRACE_S = 1.0
 CLAIM_STEP_S = 0.01  # a run behind a head whose time has come asks again after this
 
@@ -131,9 +134,10 @@ while true do
   redis.call('ZREM', KEYS[3], first[1])
   redis.call('HDEL', KEYS[4], first[1])
 end
-if (head and head ~= me) or ready > now + @EPS@ then
+local held = head and head ~= me and now < head_at + @CLAIM_HOLD@
+if held or ready > now + @EPS@ then
   local at = ready
-  if head and head ~= me then at = math.max(ready, head_at) end
+  if held then at = math.max(ready, head_at) end
   redis.call('ZADD', KEYS[3], 'NX', now, me)
   redis.call('HSET', KEYS[4], me, string.format('%.17g', at + @CLAIM_GRACE@))
   redis.call('EXPIRE', KEYS[3], @TTL@)
@@ -184,7 +188,8 @@ return 1
 def _lua(text: str) -> str:
     return (text.replace("@TTL@", str(KEY_TTL_S)).replace("@PRESENCE@", str(PRESENCE_S))
             .replace("@EPS@", repr(_EPSILON)).replace("@CLAIM_STEP@", repr(CLAIM_STEP_S))
-            .replace("@CLAIM_GRACE@", repr(CLAIM_GRACE_S)))
+            .replace("@CLAIM_GRACE@", repr(CLAIM_GRACE_S))
+            .replace("@CLAIM_HOLD@", repr(CLAIM_HOLD_S)))
 
 
 ACQUIRE_LUA, PAUSE_LUA, REMAINING_LUA = (_lua(ACQUIRE_LUA), _lua(PAUSE_LUA),
