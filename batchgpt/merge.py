@@ -7,9 +7,10 @@ part's later line for an id wins, as in a part's own output), and the summary's 
 the sums of the parts'.
 
 It refuses, naming them, while parts are **missing** (no summary: never run to the end)
-or **incomplete** (their summary has pending rows, or a run of the part holds its lock
-now), and when ``out/x.jsonl`` holds an unsharded run's results (an index beside it, and
-no mark of an earlier merge): merging over it would drop those results. Each file is
+or **incomplete** (their summary has pending rows, rows of the input as it is now are
+not done in the part's files, or a run of the part holds its lock now), and when
+``out/x.jsonl`` holds an unsharded run's results (an index beside it, and no mark of an
+earlier merge): merging over it would drop those results. Each file is
 written beside its target and renamed over it, so a failed merge leaves the previous
 files as they were. It takes the job's lock (``out/x.state/lock``) meanwhile.
 """
@@ -97,6 +98,12 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
         if summary.requests.pending:
             incomplete.append(f"{shard} ({summary.requests.pending:,} rows pending: {rerun})")
             continue
+        # The summary is of the part's last run: the input may have changed since.
+        now = _part_requests(part, shard)
+        if now["pending"] or now["total"] != summary.requests.total:
+            incomplete.append(f"{shard} (its summary is older than its files or the "
+                              f"input: {now['pending']:,} rows pending now: {rerun})")
+            continue
         summaries.append(summary)
     if missing or incomplete:
         what = []
@@ -107,6 +114,21 @@ def _check_parts(job: JobConfig, count: int) -> list[Summary]:
         raise StateError(f"cannot merge {job.job_name} yet: " + ". ".join(what) +
                          ". Nothing was written")
     return summaries
+
+
+def _part_requests(part: JobConfig, shard: Shard) -> dict[str, int]:
+    """The part's rows by state against the input as it is now (as ``status`` counts)."""
+    from batchgpt.plan import make_plan
+    from batchgpt.shard import ShardInput
+    from batchgpt.store import Store
+
+    store = Store(part)
+    store.open_readonly()
+    try:
+        return make_plan(part, ShardInput(part, shard), store, retry_failed=False, limit=None,
+                         refuse_changed=False).requests()
+    finally:
+        store.close()
 
 
 def merge(job: JobConfig) -> MergeResult:

@@ -44,7 +44,7 @@ from batchgpt.progress import eta_s, format_eta
 from batchgpt.redact import Redactor
 from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide, fallback_chain, falls_back
-from batchgpt.shard import Shard, part_job, shard_input
+from batchgpt.shard import Shard, check_sharding, part_job, shard_input
 from batchgpt.source import InputFile, Row
 from batchgpt.store import Store, Totals, encode_line, now_iso
 from batchgpt.store.batches import rows_by_mode
@@ -796,6 +796,7 @@ async def run_job(job: JobConfig, options: RunOptions | None = None) -> RunResul
     """Run (or resume) a job. Raises BatchGPTError for anything that stops it from
     running at all; everything else ends in a RunResult with an exit code."""
     options = options or RunOptions()
+    check_sharding(job, options.shard)  # another sharding's results: refused, not paid again
     job = part_job(job, options.shard)
     shared: SharedLimits | None = None  # Redis, when the limits are shared through it
     checks = Checks.for_job(job)  # files read, schema and regex compiled: before anything

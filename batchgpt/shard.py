@@ -22,15 +22,18 @@ and sends only its own rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchgpt.config import JobConfig
+from batchgpt.errors import StateError
 from batchgpt.source import InputFile, ResumeAt, ScannedRow
 
-__all__ = ["Shard", "ShardInput", "part_job", "part_output", "shard_input", "shard_of"]
+__all__ = ["Shard", "ShardInput", "check_sharding", "part_counts", "part_job", "part_output",
+           "shard_input", "shard_of"]
 
 MAX_SHARDS = 100_000
 _SPEC = re.compile(r"\s*(\d{1,6})\s*/\s*(\d{1,6})\s*")
@@ -84,6 +87,58 @@ def part_job(job: JobConfig, shard: Shard | None) -> JobConfig:
     if shard is None:
         return job
     return job.model_copy(update={"output": part_output(job.output, shard)})
+
+
+def part_counts(output: Path) -> set[int]:
+    """The N of every part's files (``x.part-K-of-N.*``) next to ``output``."""
+    stem = output.stem if output.suffix == ".jsonl" else output.name
+    pattern = re.compile(re.escape(stem) + r"\.part-(\d+)-of-(\d+)(?:\.|$)")
+    counts: set[int] = set()
+    if output.parent.is_dir():
+        for entry in output.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match:
+                counts.add(int(match.group(2)))
+    return counts
+
+
+def check_sharding(job: JobConfig, shard: Shard | None) -> None:
+    """Refuse a run whose rows another sharding of the job holds the results of: a part
+    of N beside parts of M, or beside an unsharded run's output (or a merge of M parts),
+    or an unsharded run beside parts. Each has its own index, so it would pay for every
+    row again."""
+    counts = part_counts(job.output)
+    if shard is None:
+        if counts:
+            shown = " and ".join(str(n) for n in sorted(counts))
+            raise StateError(
+                f"{job.job_name} is sharded (parts of {shown} next to {job.output}): an "
+                "unsharded run would send every row again. Run its parts with --shard K/N "
+                "and join them with `batchgpt merge`, or move the parts' files away")
+        return
+    other = sorted(counts - {shard.count})
+    if other:
+        raise StateError(
+            f"--shard {shard}: the parts of {job.job_name} next to {job.output} are of "
+            f"{' and '.join(str(n) for n in other)} shards (files {job.output.stem}.part-K-of-"
+            f"{other[0]}.*): a part of {shard.count} would send their rows again. Run "
+            f"--shard K/{other[0]}, or move their files away")
+    output = Path(job.output)
+    has_results = (output.exists() and output.stat().st_size > 0) or (
+        job.state_dir / "rows.sqlite").exists()
+    if not has_results:
+        return
+    try:
+        merged = json.loads((job.state_dir / "merged.json").read_bytes()).get("parts")
+    except (OSError, ValueError, AttributeError):
+        merged = None
+    if merged != shard.count:
+        what = ("the results of an unsharded run" if merged is None
+                else f"a merge of {merged} parts")
+        raise StateError(
+            f"--shard {shard}: {output} holds {what} of {job.job_name}: a part would send "
+            "those rows again. Run the job as it was run, or move that output (and "
+            f"{job.state_dir}) away")
 
 
 class ShardInput(InputFile):

@@ -109,7 +109,16 @@ def test_merge_refuses_naming_the_missing_and_incomplete_parts(
 def test_merge_refuses_to_overwrite_an_unsharded_runs_output(job: JobFiles, cli: Any) -> None:
     job.write(articles(6))
     assert cli("run", job.job_path).exit_code == 0  # an unsharded run: out/job.jsonl
+    refused = cli("run", job.job_path, "--shard", "0/2")  # a part would pay for it again
+    assert refused.exit_code == 1 and "unsharded run" in refused.output
+    # Parts made while it was away (or by an older batchgpt): merge refuses too.
+    aside = job.dir / "aside"
+    aside.mkdir()
+    for name in ("job.jsonl", "job.state"):
+        (job.output.parent / name).rename(aside / name)
     run_parts(job, cli, 2)
+    for name in ("job.jsonl", "job.state"):
+        (aside / name).rename(job.output.parent / name)
     result = cli("merge", job.job_path)
     assert result.exit_code == 1
     assert "holds the results of an unsharded run" in result.output

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,9 @@ PREFIX = "batchgpt"
 def redact_url(url: str) -> str:
     """``url`` with any password (and a user name that may be one) replaced, for messages:
     ``redis://:s3cret@host:6379/0`` → ``redis://:[REDACTED]@host:6379/0``."""
+    base, mark, query = url.partition("?")  # redis-py also reads ?password= (?username=)
+    url = base + mark + re.sub(r"(?i)((?:^|&)(?:password|username)=)[^&#]*", r"\1[REDACTED]",
+                               query)
     try:
         parts = urlsplit(url)
         if parts.password is None and parts.username is None:

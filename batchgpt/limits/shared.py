@@ -21,6 +21,11 @@ time* ``tat``: the level at time ``t`` is ``capacity − (tat − t) × rate`` (
   ``u`` (one run's ``retry-after`` pauses every run);
 * a server's ``x-ratelimit-remaining-*`` lowers the level: ``tat ≥ now + burst_s −
   remaining / rate``.
+* a request that must wait queues, across runs, by when it first waited: no other run
+  takes from the buckets before the head of that queue has gone (else a run of small
+  requests, taking each bit of refill, starves a run whose requests need a full bucket),
+  unless the head is 50 ms late for its time (dead, cancelled, slow): then the others go
+  on, so a dead run stalls nobody into a burst.
 
 Each caller passes its own rates (its configured or learned limit times its own slow-down
 factor), so a run that slowed down after 429s takes a larger slice of time per request
@@ -63,6 +68,13 @@ KEY_TTL_S = 60  # a limiter key nobody used for this long is forgotten (it resta
 PRESENCE_S = 30  # a run not heard from for this long no longer counts in the share
 RECONNECT_S = 1.0  # while Redis is lost, try it again at most this often
 _EPSILON = 1e-6
+# Order across runs: a request that must wait queues, and the other runs take nothing until
+# the head of the queue has gone (else a run of small requests starves one of large ones),
+# or is this late for its time (dead, cancelled, slow: the others go on, without a stall
+# that would end in a burst). A place its run does not come back for lapses after GRACE.
+CLAIM_HOLD_S = 0.05
+CLAIM_GRACE_S = 1.0
+CLAIM_STEP_S = 0.01  # a run behind a head whose time has come asks again after this
 
 # Shared prologue: the time, and the state of both buckets.
 _PROLOGUE = """
@@ -90,8 +102,9 @@ local function save()
 end
 """
 
-#: One request: KEYS = (buckets, runs); ARGV = (now or "", requests/s or 0, tokens/s or 0,
-#: burst_s, tokens, run id). Returns {granted (0/1), wait in seconds as a string, runs}.
+#: One request: KEYS = (buckets, runs, queue order, queue deadlines); ARGV = (now or "",
+#: requests/s or 0, tokens/s or 0, burst_s, tokens, run id). Returns {granted (0/1), wait
+#: in seconds as a string, runs}.
 ACQUIRE_LUA = _PROLOGUE + """
 local cost = tonumber(ARGV[5])
 redis.call('ZADD', KEYS[2], now, ARGV[6])
@@ -105,9 +118,36 @@ end
 if trate > 0 then
   ready = math.max(ready, tt - burst + math.min(cost, trate * burst) / trate)
 end
-if ready > now + @EPS@ then
+-- Order across runs: a run whose request must wait queues (KEYS[3], by when it first
+-- waited; KEYS[4], until when it counts as waiting), and no other run takes from the
+-- buckets before the head of the queue has gone.
+local me = ARGV[6]
+local head, head_at = nil, now
+while true do
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0)
+  if #first == 0 then break end
+  local untl = tonumber(redis.call('HGET', KEYS[4], first[1])) or 0
+  if untl > now then
+    head, head_at = first[1], untl - @CLAIM_GRACE@
+    break
+  end
+  redis.call('ZREM', KEYS[3], first[1])
+  redis.call('HDEL', KEYS[4], first[1])
+end
+local held = head and head ~= me and now < head_at + @CLAIM_HOLD@
+if held or ready > now + @EPS@ then
+  local at = ready
+  if held then at = math.max(ready, head_at) end
+  redis.call('ZADD', KEYS[3], 'NX', now, me)
+  redis.call('HSET', KEYS[4], me, string.format('%.17g', at + @CLAIM_GRACE@))
+  redis.call('EXPIRE', KEYS[3], @TTL@)
+  redis.call('EXPIRE', KEYS[4], @TTL@)
   save()
-  return {0, string.format('%.17g', ready - now), runs}
+  return {0, string.format('%.17g', math.max(at - now, @CLAIM_STEP@)), runs}
+end
+if head then
+  redis.call('ZREM', KEYS[3], me)
+  redis.call('HDEL', KEYS[4], me)
 end
 if rrate > 0 then rt = math.max(rt, now) + 1 / rrate end
 if trate > 0 then tt = math.max(tt, now) + cost / trate end
@@ -147,7 +187,9 @@ return 1
 
 def _lua(text: str) -> str:
     return (text.replace("@TTL@", str(KEY_TTL_S)).replace("@PRESENCE@", str(PRESENCE_S))
-            .replace("@EPS@", repr(_EPSILON)))
+            .replace("@EPS@", repr(_EPSILON)).replace("@CLAIM_STEP@", repr(CLAIM_STEP_S))
+            .replace("@CLAIM_GRACE@", repr(CLAIM_GRACE_S))
+            .replace("@CLAIM_HOLD@", repr(CLAIM_HOLD_S)))
 
 
 ACQUIRE_LUA, PAUSE_LUA, REMAINING_LUA = (_lua(ACQUIRE_LUA), _lua(PAUSE_LUA),
@@ -329,7 +371,7 @@ class SharedRateLimiter:
         tests drive it directly to step several runs through fake time."""
         try:
             granted, wait, runs = await self._acquire(
-                keys=[self._key, self._runs_key],
+                keys=[self._key, self._runs_key, self._key + ":q", self._key + ":qd"],
                 args=[self._now(), *self._rates(), tokens, self._run_id])
         except RedisError as exc:
             self._lose(exc)
