@@ -300,13 +300,16 @@ class _Run:
                 await self._cover_in_flight()
                 return reservation
             if verdict is Verdict.REFUSE:
+                what = (f"the next row ({row.custom_id})" if body is row.body else
+                        f"the next request of row {row.custom_id} (a re-ask or a fallback "
+                        "model; the row stays pending)")
                 left = budget.remaining or 0.0
                 this_run = _usd(budget.spent_this_run)
                 self.request_stop(
                     StopReason.BUDGET,
                     f"budget: the job has spent {_usd(budget.spent)} of limits.max_cost_usd "
                     f"${self.job.limits.max_cost_usd:g} over its runs ({this_run} "
-                    f"this run); the next row ({row.custom_id}) could cost up to {_usd(worst)}, "
+                    f"this run); {what} could cost up to {_usd(worst)}, "
                     f"more than the {_usd(max(0.0, left))} left. Rerun with a higher cap to "
                     "continue",
                     ExitCode.BUDGET,
