@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from batchgpt.transport import make_client
+from tests.conftest import JobFiles, articles
 
 KEY = "sk-attackall-0123456789abcdef"
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -70,3 +73,177 @@ async def test_either_transport_sends_through_the_proxy_the_environment_names(
         await client.aclose()
     assert attempt.failure is None, attempt.failure
     assert proxy.seen == ["http://api.batchgpt-test.invalid/v1/chat/completions"]
+
+
+class Recorder:
+    """A loopback server: ``/go`` redirects (status and target set by the test), every
+    other path answers a completion and records the headers it received."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.redirect: tuple[int, str] | None = None
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def handler(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append((request.method, request.path, dict(request.headers), body))
+        if self.redirect is not None and request.path.startswith("/go/"):
+            status, target = self.redirect
+            return web.Response(status=status, headers={"Location": target})
+        return web.json_response(COMPLETION)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handler)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_elsewhere_never_carries_the_key_and_both_transports_agree(
+    status: int,
+) -> None:
+    """A base URL that redirects to another origin: neither transport may send the
+    ``Authorization`` header there, and both must end the same way."""
+    here, there = Recorder(), Recorder()
+    await here.start()
+    await there.start()
+    here.redirect = (status, f"http://localhost:{there.port}/v1/chat/completions")
+    outcomes = []
+    try:
+        for transport in ("sdk", "aiohttp"):
+            client = make_client(transport, base_url=f"http://127.0.0.1:{here.port}/go/",
+                                 api_key=KEY, timeout_s=5)
+            try:
+                attempt = await client.complete(
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+            finally:
+                await client.aclose()
+            outcomes.append(attempt.failure is None)
+    finally:
+        await here.stop()
+        await there.stop()
+    for _method, _path, headers, _body in there.seen:
+        assert KEY not in json.dumps(headers)
+    assert outcomes[0] == outcomes[1]
+    assert [(m, p, b) for m, p, _, b in there.seen[:1]] == [
+        (m, p, b) for m, p, _, b in there.seen[1:]]
+
+
+async def test_the_lean_transport_stays_lean_where_no_proxy_applies(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NO_PROXY (or no proxy at all) keeps the lean path: the proxy check costs the
+    default nothing."""
+    server = Recorder()
+    await server.start()
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    client = make_client("aiohttp", base_url=f"http://127.0.0.1:{server.port}/v1",
+                         api_key=KEY, timeout_s=5)
+    try:
+        attempt = await client.complete(
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+        assert attempt.failure is None
+        assert client._lean is True  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+        await server.stop()
+    assert proxy.seen == [] and len(server.seen) == 1
+
+
+class ModelServer:
+    """An OpenAI-compatible server in a background thread whose models differ: the
+    primary answers at once (``BAD`` for a row that says ``reject``), the fallback
+    answers its first request with a 429 and ``retry-after`` (its own rate limit), then
+    normally. Records (time, model, text) of every request."""
+
+    def __init__(self, fallback_wait_s: float) -> None:
+        import threading
+        import time
+
+        self.time = time.monotonic
+        self.wait = fallback_wait_s
+        self.seen: list[tuple[float, str, str]] = []
+        self.fallback_calls = 0
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: Any = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    async def handler(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        model = body["model"]
+        text = body["messages"][-1]["content"]
+        self.seen.append((self.time(), model, text))
+        if model == "gpt-4o":
+            self.fallback_calls += 1
+            if self.fallback_calls == 1:
+                return web.json_response(
+                    {"error": {"message": "Rate limit reached for gpt-4o", "type": "requests",
+                               "code": "rate_limit_exceeded", "param": None}},
+                    status=429, headers={"retry-after": str(self.wait),
+                                         "x-ratelimit-remaining-requests": "0"})
+        content = "BAD" if model == "gpt-4o-mini" and "reject" in text else "fine"
+        reply = json.loads(json.dumps(COMPLETION))
+        reply["model"] = model
+        reply["choices"][0]["message"]["content"] = content
+        return web.json_response(reply)
+
+    def _serve(self) -> None:
+        import asyncio
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self.handler)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+            self._stop = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> ModelServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_a_fallback_models_rate_limit_does_not_pause_the_rows_on_the_jobs_model(
+    tmp_path: Path, cli: Any
+) -> None:
+    """The limiter paces the job's model (and, with limits.redis_url, every run sharing
+    it). A 429 of a fallback model, with its retry-after and remaining-requests, is about
+    that model's own limit: the rows on the job's model must not wait for it."""
+    wait = 3
+    with ModelServer(wait) as server:
+        job = JobFiles(tmp_path, server.url)
+        records = [{"id": "r00", "text": "reject"}, *articles(30)]
+        path = job.write(records, validate={"deny_words": ["BAD"], "max_reasks": 0},
+                         fallback_models=["gpt-4o"], limits={"concurrency": 2})
+        result = cli("run", path)
+        assert result.exit_code == 0, result.output
+    limited = next(t for t, model, _ in server.seen if model == "gpt-4o")
+    primary_after = [t for t, model, _ in server.seen if model == "gpt-4o-mini" and t > limited]
+    assert primary_after, "every row on the job's model was sent before the 429"
+    assert max(primary_after) - limited < wait / 2, (
+        "rows on the job's model waited for the fallback model's retry-after")
+    assert len(job.results()) == 31
