@@ -22,8 +22,8 @@ keeps the SDK as the source of everything that is configuration:
 
 Anything the lean path cannot reproduce falls back to the SDK path for the whole run:
 an SDK client with custom auth (workload identity, a key provider), a proxy from the
-environment for the base URL, or one whose request building fails or changes in a way this module does not recognise. ``api.transport: sdk``
-chooses the SDK path outright.
+environment for the base URL, or one whose request building fails or changes in a way
+this module does not recognise. ``api.transport: sdk`` chooses the SDK path outright.
 """
 
 from __future__ import annotations

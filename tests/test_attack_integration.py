@@ -4,6 +4,8 @@ the verified prefix, and the features' combinations. Real loopback servers, no m
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from batchgpt.simulator import Simulator
 from batchgpt.transport import make_client
-from tests.conftest import JobFiles, articles
+from tests.conftest import JobFiles, articles, write_jsonl
 
 KEY = "sk-attackall-0123456789abcdef"
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -247,3 +250,69 @@ def test_a_fallback_models_rate_limit_does_not_pause_the_rows_on_the_jobs_model(
     assert max(primary_after) - limited < wait / 2, (
         "rows on the job's model waited for the fallback model's retry-after")
     assert len(job.results()) == 31
+
+
+# -- the verified prefix against edits behind its back (each found sound: regression) --
+
+def _state_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith("rows.sqlite")]
+
+
+def _edit_output_line(output: Path, edit: str) -> None:
+    lines = output.read_bytes().splitlines(keepends=True)
+    st = os.stat(output)
+    if edit == "torn_tail":
+        output.write_bytes(b"".join(lines)[:-10])
+    elif edit == "middle_line_deleted":
+        del lines[5]
+        output.write_bytes(b"".join(lines))
+    else:  # another id in a line, same size, the mtime set back
+        lines[5] = lines[5].replace(b"a0006", b"a0099")
+        output.write_bytes(b"".join(lines))
+        os.utime(output, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(("edit", "resent"), [
+    ("older_index", 0), ("wal_deleted", 0), ("torn_tail", 1), ("middle_line_deleted", 1),
+    ("middle_line_same_size", 1), ("input_same_size_and_mtime", 1)])
+def test_a_resume_after_an_edit_behind_the_prefixs_back_sends_exactly_the_rows_not_done(
+    job: JobFiles, sim: Simulator, cli: Any, tmp_path: Path, edit: str, resent: int
+) -> None:
+    """A state folder restored from an older copy (or its WAL lost), the output cut, a
+    line deleted or changed in place with its mtime restored, the input rewritten to the
+    same size and mtime: the plan is the full scan's, and the resume sends only the rows
+    whose answer is gone or whose request changed."""
+    from tests.test_prefix import _done_job, _index_path, assert_same_plan_as_the_full_scan
+
+    path = _done_job(job, cli, 20)
+    state = _index_path(path).parent
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for p in _state_files(state):
+        shutil.copy2(p, backup / p.name)
+    write_jsonl(job.input, articles(25))
+    assert cli("run", path).exit_code == 0
+    assert cli("run", path).exit_code == 0  # records the prefix over all 25
+    sent = sim.stats.requests
+    if edit == "older_index":
+        for p in _state_files(state):
+            p.unlink()
+        for p in backup.iterdir():
+            shutil.copy2(p, state / p.name)
+    elif edit == "wal_deleted":
+        for p in _state_files(state):
+            if p.name != "rows.sqlite":
+                p.unlink()
+    elif edit == "input_same_size_and_mtime":
+        st = os.stat(job.input)
+        records = articles(25)
+        records[3]["text"] = records[3]["text"].replace("local", "LOCAL")
+        write_jsonl(job.input, records)
+        os.utime(job.input, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(job.input).st_size == st.st_size
+    else:
+        _edit_output_line(job.output, edit)
+    assert_same_plan_as_the_full_scan(path)
+    assert cli("run", path).exit_code == 0
+    assert sim.stats.requests - sent == resent
+    assert {f"a{i:04d}" for i in range(1, 26)} <= {line["custom_id"] for line in job.results()}
