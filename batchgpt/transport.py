@@ -14,8 +14,8 @@ keeps the SDK as the source of everything that is configuration:
   ``ensure_ascii=False``, compact separators, no NaN);
 - the timeout is the SDK's: ``timeout_s`` for connecting, waiting for a connection and
   each read (what the SDK's own aiohttp transport passes to aiohttp);
-- the TLS settings are the SDK transport's own SSL context (certifi, or the
-  ``SSL_CERT_FILE``/``SSL_CERT_DIR`` the SDK trusts);
+- the TLS settings are the SDK transport's own SSL context (``SSL_CERT_FILE``/
+  ``SSL_CERT_DIR``, the system's store, truststore on macOS and Windows);
 - the answer becomes the same :class:`~batchgpt.client.Attempt` through the same code
   (:meth:`ChatClient._reply`, :func:`batchgpt.client.status_failure`), so the retry
   decision, the circuit breaker, the rate-limit headers and redaction see the same thing.
@@ -172,7 +172,7 @@ async def sdk_request_shape(sdk: Any, timeout_s: float) -> tuple[str | None, dic
 
 def direct_ssl(sdk: Any, url: str) -> Any:
     """The TLS settings the SDK's own transport connects to ``url`` with (its verify
-    and certificate store: certifi, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), or None when
+    and certificate store: ``SSL_CERT_FILE``/``SSL_CERT_DIR``, the system's), or None when
     the SDK would not connect directly: a proxy from the environment
     (``HTTP(S)_PROXY``/``ALL_PROXY`` less ``NO_PROXY``) is mounted for it, which the lean
     session does not reproduce, so the run keeps the SDK's path."""
