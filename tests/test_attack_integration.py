@@ -316,3 +316,46 @@ def test_a_resume_after_an_edit_behind_the_prefixs_back_sends_exactly_the_rows_n
     assert cli("run", path).exit_code == 0
     assert sim.stats.requests - sent == resent
     assert {f"a{i:04d}" for i in range(1, 26)} <= {line["custom_id"] for line in job.results()}
+
+
+# -- shards + merge + the output checks -----------------------------------------------------
+
+def test_a_merged_summary_keeps_each_models_share_the_reasks_and_the_fallbacks_of_its_parts(
+    job: JobFiles, sim: Simulator, cli: Any
+) -> None:
+    """by_model (rows, usage, cost per served model), re-asks by reason, fallbacks by
+    model and rows by mode are totals like the others: the merge's are the parts' sums,
+    not left empty (a sharded job's fallback spend was invisible in its summary)."""
+    from batchgpt.simulator.replies import ReplyFaults
+    from tests.test_shards import part
+
+    sim.config.faults.failing_models = {"gpt-4o-mini": 503}
+    sim.config.faults.replies = ReplyFaults(invalid_json_rate=1.0)
+    job.write(articles(10), fallback_models=["gpt-4o"],
+              params={"max_tokens": 80, "response_format": {"type": "json_object"}},
+              validate={"json": True, "max_reasks": 1},
+              retry={"max_attempts": 1, "initial_delay_s": 0.01, "max_delay_s": 0.05})
+    for k in range(2):
+        assert cli("run", job.job_path, "--shard", f"{k}/2").exit_code == 0
+    parts = [json.loads(part(job, k, 2, "summary.json").read_text()) for k in range(2)]
+    assert cli("merge", job.job_path).exit_code == 0
+    merged = job.summary()
+
+    def added(key: str, *, run: bool = False) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in parts:
+            for name, n in (p["this_run"] if run else p)[key].items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    assert merged["by_model"]["gpt-4o"]["rows"] == 10
+    assert merged["by_model"]["gpt-4o"]["usage"]["total_tokens"] == sum(
+        p["by_model"]["gpt-4o"]["usage"]["total_tokens"] for p in parts)
+    assert merged["by_model"]["gpt-4o"]["cost_usd"] == pytest.approx(sum(
+        p["by_model"]["gpt-4o"]["cost_usd"] for p in parts))
+    assert merged["this_run"]["fallbacks_by_model"] == added("fallbacks_by_model", run=True)
+    assert merged["this_run"]["fallbacks_by_model"] == {"gpt-4o": 10}
+    assert merged["this_run"]["reasks_by_reason"] == added("reasks_by_reason", run=True)
+    assert merged["this_run"]["reasks_by_reason"] == {"invalid_json": 10}
+    assert merged["rows_by_mode"] == added("rows_by_mode")
+    assert merged["rows_by_mode"]["online"] == 10
