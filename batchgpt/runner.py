@@ -477,8 +477,9 @@ class _Run:
             else request_cost(body)
         # The limiter paces the row's own model (with limits.redis_url, every run sharing
         # it): a fallback model's rate-limit headers, retry-after and 429s are about that
-        # model's limit, and steer only this row's retries.
-        paces = body["model"] == row.body["model"]
+        # model's limit, and steer only this row's retries — unless the row's model was
+        # found missing, and the fallback is what the run sends to in its place.
+        paces = body["model"] == row.body["model"] or row.body["model"] in self.missing_models
         attempt = 0
         while True:
             attempt += 1
