@@ -31,7 +31,7 @@ from batchgpt.files import nonblank_lines
 from batchgpt.pricing import Usage
 from batchgpt.shard import Shard, part_job
 from batchgpt.store.lock import JobLock, now_iso
-from batchgpt.summary import Latency, Outcome, Requests, RunRequests, Summary, ThisRun
+from batchgpt.summary import Latency, ModelTotals, Outcome, Requests, RunRequests, Summary, ThisRun
 
 __all__ = ["MergeResult", "find_parts", "merge"]
 
@@ -199,7 +199,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _sum(job: JobConfig, parts: list[Summary], count: int) -> Summary:
-    """The job's summary: every count and cost the sum of the parts'. Latency percentiles
+    """The job's summary: every count and cost the sum of the parts' (each model's share,
+    re-asks, fallbacks and rows by mode too). Latency percentiles
     do not add up: only the largest maximum is kept; rates over different wall times
     neither: left out."""
     def total(values: list[float | None]) -> float | None:
@@ -219,6 +220,20 @@ def _sum(job: JobConfig, parts: list[Summary], count: int) -> Summary:
                    pending=sum(p.requests.pending for p in parts),
                    not_in_input=sum(p.requests.not_in_input for p in parts))
     runs = [p.this_run for p in parts]
+    by_model: dict[str, ModelTotals] = {}
+    for p in parts:
+        for model, share in p.by_model.items():
+            had = by_model.get(model)
+            by_model[model] = share if had is None else ModelTotals(
+                rows=had.rows + share.rows, usage=had.usage + share.usage,
+                cost_usd=total([had.cost_usd, share.cost_usd]))
+
+    def counted(values: list[dict[str, int]]) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for value in values:
+            out.update(value)
+        return dict(out)
+
     maxima = [r.latency_s.max for r in runs if r.latency_s.max is not None]
     this_run = ThisRun(
         requests=RunRequests(sent=sum(r.requests.sent for r in runs),
@@ -231,7 +246,9 @@ def _sum(job: JobConfig, parts: list[Summary], count: int) -> Summary:
         wall_time_s=max((r.wall_time_s for r in runs), default=0.0),
         latency_s=Latency(max=max(maxima) if maxima else None),
         errors_by_code=dict(run_codes), first_error_by_code=first,
-        achieved_rpm=None, achieved_tpm=None)
+        achieved_rpm=None, achieved_tpm=None,
+        reasks_by_reason=counted([r.reasks_by_reason for r in runs]),
+        fallbacks_by_model=counted([r.fallbacks_by_model for r in runs]))
     outcome = (Outcome.RETRYABLE_ROWS if any(p.outcome is Outcome.RETRYABLE_ROWS for p in parts)
                else Outcome.FAILED_ROWS if req.failed else Outcome.COMPLETED)
     return Summary(
@@ -242,5 +259,6 @@ def _sum(job: JobConfig, parts: list[Summary], count: int) -> Summary:
         failed_by_code=dict(codes), usage=sum((p.usage for p in parts), Usage()),
         cost_usd=total([p.cost_usd for p in parts]),
         cost_unknown_models=sorted({m for p in parts for m in p.cost_unknown_models}),
-        cost_unrecorded_usd=sum(p.cost_unrecorded_usd for p in parts),
+        cost_unrecorded_usd=sum(p.cost_unrecorded_usd for p in parts), by_model=by_model,
+        rows_by_mode=counted([p.rows_by_mode for p in parts]),
         this_run=this_run, output=str(job.output), failures=str(job.failures_path))

@@ -475,6 +475,11 @@ class _Run:
         policy = self.job.retry
         cost = row.cost if body is row.body or body["messages"] is row.body["messages"] \
             else request_cost(body)
+        # The limiter paces the row's own model (with limits.redis_url, every run sharing
+        # it): a fallback model's rate-limit headers, retry-after and 429s are about that
+        # model's limit, and steer only this row's retries — unless the row's model was
+        # found missing, and the fallback is what the run sends to in its place.
+        paces = body["model"] == row.body["model"] or row.body["model"] in self.missing_models
         attempt = 0
         while True:
             attempt += 1
@@ -497,7 +502,7 @@ class _Run:
                 on_sent()
             result = await self.client.complete(body)
             self.stats.add_latency(result.latency_s)
-            self._observe(result)
+            self._observe(result, paces)
             if result.success is not None:
                 await self._judge(None, None)
                 return _Sent(result, None, None, attempt)
@@ -507,9 +512,9 @@ class _Run:
             if failure.is_rate_limit:
                 self.stats.rate_limited += 1
             decision = decide(failure, attempt, policy)
-            if decision.slow_down:
+            if decision.slow_down and paces:
                 self.limiter.slow_down()
-            if decision.pause_s:
+            if decision.pause_s and paces:
                 self.limiter.pause(decision.pause_s)
             moves_on = has_fallback and falls_back(failure, decision)
             # May stop the run (the circuit breaker); a row that moves on to its next model
@@ -600,8 +605,9 @@ class _Run:
             return no_key_message(self.job.api.api_key_env, self.base_url)
         return _stop_message(reason, failure)
 
-    def _observe(self, result: Attempt) -> None:
-        self.limiter.observe(result.headers)
+    def _observe(self, result: Attempt, paces: bool = True) -> None:
+        if paces:
+            self.limiter.observe(result.headers)
         lat = result.latency_s
         self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
 

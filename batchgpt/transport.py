@@ -14,14 +14,16 @@ keeps the SDK as the source of everything that is configuration:
   ``ensure_ascii=False``, compact separators, no NaN);
 - the timeout is the SDK's: ``timeout_s`` for connecting, waiting for a connection and
   each read (what the SDK's own aiohttp transport passes to aiohttp);
+- the TLS settings are the SDK transport's own SSL context (``SSL_CERT_FILE``/
+  ``SSL_CERT_DIR``, the system's store, truststore on macOS and Windows);
 - the answer becomes the same :class:`~batchgpt.client.Attempt` through the same code
   (:meth:`ChatClient._reply`, :func:`batchgpt.client.status_failure`), so the retry
   decision, the circuit breaker, the rate-limit headers and redaction see the same thing.
 
 Anything the lean path cannot reproduce falls back to the SDK path for the whole run:
-an SDK client with custom auth (workload identity, a key provider), or one whose request
-building fails or changes in a way this module does not recognise. ``api.transport: sdk``
-chooses the SDK path outright.
+an SDK client with custom auth (workload identity, a key provider), a proxy from the
+environment for the base URL, or one whose request building fails or changes in a way
+this module does not recognise. ``api.transport: sdk`` chooses the SDK path outright.
 """
 
 from __future__ import annotations
@@ -80,16 +82,17 @@ class LeanClient(ChatClient):
                 return
             try:
                 url, headers = await sdk_request_shape(self._sdk, self._timeout)
+                ssl = None if url is None else direct_ssl(self._sdk, url)
             except Exception as exc:  # an SDK that builds requests some other way
                 log.debug("lean transport unavailable (%s: %s); using the SDK's",
                           type(exc).__name__, exc)
                 self._lean = False
                 return
-            if url is None:
+            if url is None or ssl is None:
                 self._lean = False
                 return
             self._url, self._headers = url, headers
-            connector = aiohttp.TCPConnector(limit=self._max_connections)
+            connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl)
             self._session = aiohttp.ClientSession(connector=connector)
             self._lean = True
 
@@ -165,6 +168,22 @@ async def sdk_request_shape(sdk: Any, timeout_s: float) -> tuple[str | None, dic
     await sdk._prepare_request(request)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _PER_REQUEST}
     return str(request.url), headers
+
+
+def direct_ssl(sdk: Any, url: str) -> Any:
+    """The TLS settings the SDK's own transport connects to ``url`` with (its verify
+    and certificate store: ``SSL_CERT_FILE``/``SSL_CERT_DIR``, the system's), or None when
+    the SDK would not connect directly: a proxy from the environment
+    (``HTTP(S)_PROXY``/``ALL_PROXY`` less ``NO_PROXY``) is mounted for it, which the lean
+    session does not reproduce, so the run keeps the SDK's path."""
+    import httpx2
+
+    http = sdk._client
+    transport = http._transport_for_url(httpx2.URL(url))
+    if transport is not http._transport:
+        return None
+    context = getattr(transport, "ssl_context", None)
+    return context if context is not None else True
 
 
 def make_client(transport: str, **kwargs: Any) -> ChatClient:
