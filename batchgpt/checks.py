@@ -39,6 +39,7 @@ from typing import Any
 from batchgpt.config import JobConfig, ValidateSettings
 from batchgpt.errors import ConfigError
 from batchgpt.files import NotRegularFile, open_regular
+from batchgpt.params import asks_for_json, response_format_schema
 
 log = logging.getLogger("batchgpt")
 
@@ -136,7 +137,7 @@ class Checks:
             schema = _read_schema_file(job, schema)
         where, name = job.where("validate", "json_schema"), "validate.json_schema"
         if schema is None and settings.json_ is not False:  # json: false checks no JSON
-            schema = _response_format_schema(job.params.get("response_format"))
+            schema = response_format_schema(job.params.get("response_format"))
             where = job.where("params", "response_format")
             name = "params.response_format.json_schema.schema"
         if schema is not None:
@@ -233,8 +234,7 @@ class Checks:
             return True
         if self.json_wanted is False:  # said explicitly: not even for response_format
             return False
-        fmt = request.get("response_format")
-        return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+        return asks_for_json(request.get("response_format"))
 
     def schema_for(self, request: Mapping[str, Any]) -> dict[str, Any] | None:
         """The job's schema, else the one the row's own response_format carries (a Batch
@@ -242,7 +242,7 @@ class Checks:
         does not compile is not checked (the server refuses such a request anyway)."""
         if self.schema is not None:
             return self.schema
-        schema = _response_format_schema(request.get("response_format"))
+        schema = response_format_schema(request.get("response_format"))
         if schema is None:
             return None
         key = _schema_key(schema)
@@ -457,14 +457,6 @@ def _remote_ref(node: Any) -> str | None:
         return next((r for v in node.values() if (r := _remote_ref(v)) is not None), None)
     if isinstance(node, list):
         return next((r for v in node if (r := _remote_ref(v)) is not None), None)
-    return None
-
-
-def _response_format_schema(fmt: Any) -> dict[str, Any] | None:
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        inner = fmt.get("json_schema")
-        if isinstance(inner, dict) and isinstance(inner.get("schema"), dict):
-            return dict(inner["schema"])
     return None
 
 

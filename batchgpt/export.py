@@ -61,6 +61,7 @@ from typing import IO, Any
 from batchgpt.config import JobConfig
 from batchgpt.errors import ConfigError, ExitCode, StateError
 from batchgpt.files import open_regular
+from batchgpt.params import asks_for_json
 from batchgpt.pricing import Price, cost_usd, resolve_price, split_batch_key
 from batchgpt.source import InputFile, ScannedRow
 from batchgpt.store import Store, StoredFailure, StoredResult, StoredRow
@@ -97,8 +98,7 @@ def validates_json(job: JobConfig) -> bool:
         return True
     if checks is not None and checks.json_ is False:
         return False
-    fmt = job.params.get("response_format")
-    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+    return asks_for_json(job.params.get("response_format"))
 
 
 # -- what one row's state is ------------------------------------------------------------------

@@ -199,3 +199,19 @@ def price_check(model: str, *, pricing: Mapping[str, Price], max_cost_usd: float
     return PriceCheck(model, False, f"{where}: the price of model '{model}' is unknown; did "
                       f"you mean '{suggestion}'? (if the name is right, its cost is reported "
                       "as unknown; add it under `pricing:` to price it)", suggestion)
+
+
+def asks_for_json(fmt: object) -> bool:
+    """Whether a request's ``response_format`` asks for JSON (``json_object`` or
+    ``json_schema``): the output checks, export's JSON columns and the sandbox all read
+    it this one way."""
+    return isinstance(fmt, Mapping) and fmt.get("type") in ("json_object", "json_schema")
+
+
+def response_format_schema(fmt: object) -> dict[str, typing.Any] | None:
+    """The JSON Schema a ``response_format`` of type ``json_schema`` carries, or None."""
+    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+        inner = fmt.get("json_schema")
+        if isinstance(inner, Mapping) and isinstance(inner.get("schema"), Mapping):
+            return dict(inner["schema"])
+    return None

@@ -38,6 +38,7 @@ from batchgpt.files import nonblank_lines
 from batchgpt.gctune import quiet_gc
 from batchgpt.limits import SharedLimits, connect, make_budget, make_limiter
 from batchgpt.logs import event
+from batchgpt.modes.lines import failure_line, result_line
 from batchgpt.plan import Plan, make_plan, not_in_input, planned_rows
 from batchgpt.pricing import Usage, cost_usd, price_usage, resolve_price
 from batchgpt.progress import eta_s, format_eta
@@ -46,9 +47,8 @@ from batchgpt.report import RunStats, build_summary, render_table, write_summary
 from batchgpt.retry import Action, Decision, Failure, Kind, decide, fallback_chain, falls_back
 from batchgpt.shard import Shard, check_sharding, part_job, shard_input
 from batchgpt.source import InputFile, Row
-from batchgpt.store import Store, Totals, encode_line, now_iso
+from batchgpt.store import Store, Totals, now_iso
 from batchgpt.store.batches import rows_by_mode
-from batchgpt.store.output_log import line_id
 from batchgpt.store.writer import IndexFailed
 from batchgpt.summary import Outcome, PlanCounts, Recovery, Requests, StopReason, Summary
 from batchgpt.tokens import DEFAULT_OUTPUT_RESERVE, prompt_tokens, request_cost
@@ -622,12 +622,7 @@ class _Run:
         # with an alias that has no price. The output line keeps what the server said.
         model = self._billed(body, requested)
         usage = self._usage(row, body)
-        line = encode_line({
-            "id": line_id(row.custom_id, row.request_hash),
-            "custom_id": row.custom_id,
-            "response": {"status_code": 200, "request_id": success.request_id, "body": body},
-            "error": None,
-        })
+        line = result_line(row.custom_id, row.request_hash, success.request_id, body)
         writer = self.store.writer
         assert writer is not None
         try:
@@ -696,24 +691,8 @@ class _Run:
 
     async def _fail(self, row: Row, failure: Failure, attempts: int, transient: bool,
                     extra: dict[str, Any] | None = None) -> None:
-        response = None
-        if failure.status is not None:
-            response = {"status_code": failure.status, "request_id": failure.request_id,
-                        "body": failure.body}
-        line = encode_line({
-            "id": line_id(row.custom_id, row.request_hash),
-            "custom_id": row.custom_id,
-            "response": response,
-            "error": {
-                "code": failure.error_code,
-                "message": failure.message,
-                "status": failure.status,
-                "type": failure.type,
-                **(extra or {}),
-                "attempts": attempts,
-                "retryable": transient,
-            },
-        })
+        line = failure_line(row.custom_id, row.request_hash, failure, attempts, transient,
+                            extra)
         writer = self.store.writer
         assert writer is not None
         await writer.put_failure(row.custom_id, row.request_hash, line, attempts,

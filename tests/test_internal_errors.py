@@ -44,16 +44,16 @@ def test_a_bug_after_the_run_prints_one_line_and_the_traceback_goes_to_a_file(
 def test_a_bug_in_a_worker_stops_the_run_with_exit_70_and_keeps_what_was_committed(
     job: JobFiles, sim: Simulator, cli: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batchgpt.runner.encode_line
+    real = batchgpt.runner.result_line
     calls = Counter[str]()
 
-    def flaky(obj: Any) -> bytes:
+    def flaky(*args: Any) -> bytes:
         calls["n"] += 1
         if calls["n"] == 6:
             raise ValueError("a bug while writing one row")
-        return real(obj)
+        return real(*args)
 
-    monkeypatch.setattr(batchgpt.runner, "encode_line", flaky)
+    monkeypatch.setattr(batchgpt.runner, "result_line", flaky)
     path = job.write(articles(20), limits={"concurrency": 1})
     result = cli("run", path, internal_error=True)
     assert result.exit_code == 70

@@ -1,7 +1,7 @@
 """The output and failures files' lines, built one way for every mode: a result is a
 Batch API output line whose ``id`` is the answer tag of its row's request
 (:func:`~batchgpt.store.output_log.line_id`), a failure the same with the error batchgpt
-recorded. :mod:`batchgpt.runner` builds the same shapes for online rows. And the other
+recorded, for batch and online rows alike. And the other
 way: a line of the provider's Batch API output or error file, read back."""
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ def result_line(custom_id: str, request_hash: str, request_id: str | None,
 
 
 def failure_line(custom_id: str, request_hash: str, failure: Failure, attempts: int,
-                 transient: bool) -> bytes:
+                 transient: bool, extra: dict[str, Any] | None = None) -> bytes:
     """A failed row's line in the failures file: the provider's answer (when there was
-    one) and batchgpt's verdict on it."""
+    one) and batchgpt's verdict on it; ``extra``: more of the verdict (an output check's
+    reason, detail, model and re-asks)."""
     response = None
     if failure.status is not None:
         response = {"status_code": failure.status, "request_id": failure.request_id,
@@ -41,6 +42,7 @@ def failure_line(custom_id: str, request_hash: str, failure: Failure, attempts: 
             "message": failure.message,
             "status": failure.status,
             "type": failure.type,
+            **(extra or {}),
             "attempts": attempts,
             "retryable": transient,
         },

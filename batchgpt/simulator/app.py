@@ -33,6 +33,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from batchgpt import tokens
+from batchgpt.params import asks_for_json, response_format_schema
 from batchgpt.simulator.replies import (
     FailingStatus,
     ReplyFaults,
@@ -41,7 +42,6 @@ from batchgpt.simulator.replies import (
     model_failure,
     parse_failing_model,
     parse_reply_faults,
-    response_schema,
     spoil,
 )
 
@@ -272,10 +272,10 @@ def completion_for(body: Mapping[str, Any], model: str | None = None,
             break
     sentence = _first_sentence(text)
     fmt = body.get("response_format")
-    schema = response_schema(body)
+    schema = response_format_schema(fmt)
     if schema is not None and (schema.get("properties") or schema.get("type")):
         content = json.dumps(instance_for(schema, text, sentence), ensure_ascii=False)
-    elif isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+    elif asks_for_json(fmt):
         label = LABELS[zlib.crc32(text.encode()) % len(LABELS)]
         content = json.dumps({"sandbox": True, "label": label, "summary": sentence})
     else:

@@ -133,15 +133,6 @@ def instance_for(schema: Any, text: str, sentence: str, depth: int = 0) -> Any:
     return None
 
 
-def response_schema(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    fmt = body.get("response_format")
-    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
-        inner = fmt.get("json_schema")
-        if isinstance(inner, Mapping) and isinstance(inner.get("schema"), Mapping):
-            return inner["schema"]  # type: ignore[no-any-return]
-    return None
-
-
 def spoil(reply: dict[str, Any], fault: str, terms: list[str], u: float) -> str:
     """Spoil every choice of ``reply`` (a chat.completion) with ``fault``, in place;
     returns the text a follow-up's assistant turn will quote back."""
